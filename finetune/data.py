@@ -1,0 +1,490 @@
+"""Find a dataset's images (class folders or a CSV), decode each one to check it, report what was skipped,
+split it, and serve it as a torch Dataset."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, _check_channels, _read_native, probe, read_image,
+                     to_unit_float)
+
+__all__ = ["DataError", "ImageDataset", "SPLITS", "Scan", "scan", "split"]
+
+SPLITS = ("train", "val", "test")
+_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                "test": "test", "": ""}
+# OS and tool litter, skipped silently like hidden files (names compared lower-case)
+_LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin",
+                     "system volume information", "icon\r"})
+
+
+class DataError(Exception):
+    """The dataset as a whole cannot be used; the message says why and what to change."""
+
+
+@dataclass
+class Scan:
+    """What scan() found: usable ``items`` (path, label, split, and any extra CSV columns), skipped ``bad`` files
+    (path, reason), the sorted class list and map, warnings, and per-image size/dtype in ``image_info``."""
+
+    root: Path
+    source: str
+    items: pd.DataFrame
+    bad: pd.DataFrame
+    classes: list[str]
+    class_to_idx: dict[str, int]
+    warnings: list[str]
+    image_info: pd.DataFrame
+
+    def report(self) -> str:
+        """Counts per class and split, image sizes and dtypes, every bad file with its reason, and the warnings."""
+        lines = [f"Data: {self.source}",
+                 f"{len(self.items)} images in {len(self.classes)} classes; {len(self.bad)} bad files skipped", ""]
+        splits = self.items["split"].replace("", "unsplit")
+        table = pd.crosstab(self.items["label"], splits).reindex(index=self.classes, fill_value=0)
+        table = table[[s for s in (*SPLITS, "unsplit") if s in table.columns]]
+        table["total"] = table.sum(axis=1)
+        table.loc["total"] = table.sum(axis=0)
+        table.index.name, table.columns.name = "class", None
+        lines += [table.to_string(), ""]
+        info = self.image_info
+        if len(info):
+            dtypes = ", ".join(f"{k} ({v})" for k, v in info["dtype"].value_counts().items())
+            chans = ", ".join(f"{k} ({v})" for k, v in info["channels"].value_counts().sort_index().items())
+            lines += [f"Image size: width {info.width.min()}-{info.width.max()}, height {info.height.min()}-"
+                      f"{info.height.max()} px (median {int(info.width.median())}x{int(info.height.median())})",
+                      f"dtype: {dtypes}; channels in the files: {chans}", ""]
+        if len(self.bad):
+            kinds = self.bad["reason"].str.split(":").str[0].value_counts()
+            lines.append(f"Bad files ({len(self.bad)}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) + "):")
+            lines += [f"  {_rel(p, self.root)}: {r}" for p, r in zip(self.bad["path"], self.bad["reason"])]
+            lines.append("")
+        if self.warnings:
+            lines.append(f"Warnings ({len(self.warnings)}):")
+            lines += [f"  - {w}" for w in self.warnings]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def save_report(self, folder: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``bad_files.csv`` and ``data_report.txt`` into ``folder``; refuses to overwrite either."""
+        folder = Path(folder)
+        paths = folder / "bad_files.csv", folder / "data_report.txt"
+        for p in paths:
+            if p.exists():
+                raise FileExistsError(f"{p} exists: save_report writes into a new run folder only")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(paths[0], "x", newline="") as f:
+            self.bad.to_csv(f, index=False)
+        with open(paths[1], "x") as f:
+            f.write(self.report())
+        return paths
+
+
+def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None, channels: int = 3,
+         labels: Sequence[str] | None = None, strict: bool = False, allow_outside: bool = False,
+         max_bad_fraction: float = 0.2, min_per_class: int = 1, decode: bool = True,
+         max_pixels: int = MAX_PIXELS, workers: int | None = None) -> Scan:
+    """List a dataset's images and check each one, skipping bad files with a reason.
+
+    Layouts: ``root/<class>/...`` (sub-folders searched too), ``root/{train,val,test}/<class>/...`` (splits used as
+    given), or ``csv`` with columns ``path,label[,split]``; CSV paths are relative to ``root``, or to the CSV's
+    folder when ``root`` is None, and a relative ``csv`` not found from the working folder is looked up in ``root``.
+    Hidden files and OS litter are ignored silently. ``decode=False`` reads headers only (fast, but truncated
+    files pass). ``labels`` fixes the class list; other labels are bad. Classes with fewer than
+    ``min_per_class`` images are left out with a warning. Raises DataError when more than ``max_bad_fraction``
+    of the files are bad (files with a non-image extension that are not images are listed but not counted:
+    sidecar .txt/.json files are common), when nothing usable is left, and at the first bad file if ``strict``.
+    """
+    root, csv = _locate(root, csv)
+    warnings: list[str] = []
+    if csv is None:
+        rows, source = _folder_rows(root, warnings)
+    else:
+        rows, source = _csv_rows(csv, root), f"CSV {csv} (data root {root})"
+    rows, bad = _precheck(rows, root, allow_outside, labels)
+    if strict and bad:
+        raise _strict_error(*bad[0])
+    checked = _check_files(rows["path"].tolist(), channels, decode, max_pixels, workers, strict)
+    ok = np.array([isinstance(r, tuple) for r in checked], dtype=bool)
+    bad += [(p, r) for p, r, good in zip(rows["path"], checked, ok) if not good]
+    good = rows[ok]
+    info = pd.DataFrame([r for r in checked if isinstance(r, tuple)],
+                        columns=["path", "width", "height", "channels", "dtype"])
+
+    counted = sum(1 for p, r in bad if not _sidecar(p, r))
+    total = len(good) + counted
+    if counted and counted / total > max_bad_fraction:
+        raise DataError(_too_many_bad(bad, counted, total, root, max_bad_fraction))
+    if not len(good):
+        raise DataError(f"no usable images under {root} ({len(bad)} bad files): expected one sub-folder per class "
+                        f"(root/<class>/image.png), train/ and val/ folders of such, or csv= with path,label[,split]")
+
+    good = _class_warnings(good, rows, min_per_class, labels, warnings)
+    classes = sorted(set(labels)) if labels is not None else sorted(good["label"].unique())
+    items = good.drop(columns="_line").sort_values("path", kind="stable").reset_index(drop=True)
+    bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable")
+    info = info[info["path"].isin(items["path"])].reset_index(drop=True)
+    return Scan(root, source, items, bad_df.reset_index(drop=True), classes,
+                {c: i for i, c in enumerate(classes)}, warnings, info)
+
+
+def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
+          groups: str | Callable[[str], str] | None = None) -> pd.DataFrame:
+    """A copy of ``items`` with ``split`` filled in: rows marked val/test keep their split; if no row is 'val',
+    a seeded, per-class share of ``val_fraction`` of the train rows moves to val (each class with >= 2 images gets
+    at least one, a single-image class stays in train). ``groups`` (a column, a callable on the path, or a regex
+    searched in the file name whose first group, or whole match, names the group) keeps each group on one side.
+    The result depends only on the rows' content and the seed, not their order.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = items.copy()
+    out["split"] = out["split"].replace("", "train") if "split" in out else "train"
+    if (out["split"] == "val").any() or val_fraction == 0:
+        return out
+    pool = out[out["split"] == "train"].sort_values("path", kind="stable")
+    if groups is None:
+        val = _stratified(pool, val_fraction, seed)
+    else:
+        val = _grouped(pool, _group_keys(pool, groups), val_fraction, seed)
+    out.loc[val, "split"] = "val"
+    return out
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """``(tensor, label_index)`` per row of ``items``: read_image, then ``intensity`` (default
+    ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default: HxWxC -> CxHxW tensor)."""
+
+    def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], channels: int = 3,
+                 transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+                 intensity: Callable[[np.ndarray], np.ndarray] | None = None, *, max_pixels: int = MAX_PIXELS):
+        unknown = sorted(set(items["label"]) - set(class_to_idx))
+        if unknown:
+            raise DataError(f"labels {unknown[:5]} are not in the class map {list(class_to_idx)[:10]}: "
+                            f"build class_to_idx from the same scan as the items")
+        # numpy arrays, not lists of str: DataLoader workers then share the pages instead of copying them
+        self.paths = items["path"].to_numpy(dtype=str)
+        self.targets = np.array([class_to_idx[c] for c in items["label"]], dtype=np.int64)
+        self.channels, self.transform, self.intensity, self.max_pixels = channels, transform, intensity, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = str(self.paths[index])
+        try:
+            img = read_image(path, self.channels, max_pixels=self.max_pixels)
+        except ImageError as e:
+            raise ImageError(path, f"{e.reason} (it passed the scan: changed since? re-run the scan)") from None
+        img = self.intensity(img) if self.intensity is not None else to_unit_float(img)
+        if self.transform is not None:
+            return self.transform(img), int(self.targets[index])
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(self.targets[index])
+
+
+# -- finding files -----------------------------------------------------------------------------------------------
+
+def _locate(root, csv) -> tuple[Path, Path | None]:
+    if csv is not None:
+        csv = Path(csv)
+        if root is not None and not csv.is_absolute() and not csv.exists():
+            csv = Path(root) / csv
+        if not csv.is_file():
+            raise DataError(f"CSV file {csv} not found")
+        root = csv.parent if root is None else root
+    if root is None:
+        raise DataError("scan needs a data root folder or a csv")
+    root = Path(os.path.abspath(root))
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder")
+    return root, (None if csv is None else Path(os.path.abspath(csv)))
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _LITTER
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir() and not _ignored(e.name))
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(e.path for e in os.scandir(folder) if not e.is_dir() and not _ignored(e.name))
+
+
+def _walk(folder: Path) -> list[str]:
+    """Every non-ignored file under ``folder``, following directory symlinks once (no loops)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not _ignored(f)]
+    return found
+
+
+def _folder_rows(root: Path, warnings: list[str]) -> tuple[pd.DataFrame, str]:
+    top = _subdirs(root)
+    names = [d.name.lower() for d in top]
+    if "train" in names or (top and all(n in _SPLIT_NAMES for n in names)):
+        pairs = []
+        for d in top:
+            name = _SPLIT_NAMES.get(d.name.lower())
+            if name is None:
+                warnings.append(f"folder '{d.name}' next to train/ is not a split (train, val, test): ignored")
+                continue
+            pairs += [(name, c) for c in _subdirs(d)]
+            _stray(d, root, warnings)
+        source = f"class folders in {', '.join(d.name + '/' for d in top if d.name.lower() in _SPLIT_NAMES)} of {root}"
+    else:
+        pairs = [("", c) for c in top]
+        source = f"class folders in {root}"
+    _stray(root, root, warnings)
+    rows = []
+    for name, class_dir in pairs:
+        files = _walk(class_dir)
+        if not files:
+            warnings.append(f"empty class folder '{_rel(class_dir, root)}': ignored, not a class")
+        rows += [(f, class_dir.name, name) for f in files]
+    out = pd.DataFrame(rows, columns=["path", "label", "split"], dtype=str)
+    out["_line"] = 0
+    return out, source
+
+
+def _stray(folder: Path, root: Path, warnings: list[str]) -> None:
+    """Warn about image files lying next to the class folders, where no label can be read from the path."""
+    stray = [f for f in _files(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if stray:
+        warnings.append(f"{len(stray)} image files directly in '{_rel(folder, root)}' are in no class folder: ignored "
+                        f"(e.g. {os.path.basename(stray[0])})")
+
+
+def _csv_rows(csv: Path, root: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DataError(f"cannot read {csv} as CSV: {e}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    lower = {c.lower(): c for c in df.columns}
+    if "path" not in lower or "label" not in lower:
+        raise DataError(f"{csv} needs columns path,label[,split]; it has {list(df.columns)}")
+    df = df.rename(columns={lower[k]: k for k in ("path", "label", "split") if k in lower})
+    df["split"] = df["split"] if "split" in df else ""
+    for col in ("path", "label", "split"):
+        df[col] = df[col].str.strip()
+    if os.sep == "/":
+        df["path"] = df["path"].str.replace("\\", "/")  # a CSV written on Windows
+    df["path"] = [os.path.normpath(os.path.join(root, p)) if p else "" for p in df["path"]]
+    df["_line"] = np.arange(len(df)) + 2  # the header is line 1
+    extra = [c for c in df.columns if c not in ("path", "label", "split", "_line")]
+    return df[["path", "label", "split", "_line", *extra]]
+
+
+def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tuple[pd.DataFrame, list]:
+    """Row-level problems found without opening files: bad CSV cells, duplicates, outside root, unknown labels."""
+    bad, drop = [], np.zeros(len(rows), dtype=bool)
+    lines = rows["_line"].to_numpy()
+    where = [f" (line {n})" if n else "" for n in lines]
+
+    def mark(i, reason):
+        drop[i] = True
+        bad.append((rows["path"].iat[i] or f"line {lines[i]}", reason))
+
+    for i, (path, label, name) in enumerate(zip(rows["path"], rows["label"], rows["split"])):
+        if not path:
+            mark(i, f"bad row: empty path{where[i]}")
+        elif not label:
+            mark(i, f"bad row: empty label{where[i]}")
+        elif name.lower() not in _SPLIT_NAMES:
+            mark(i, f"bad row: split '{name}' is not train, val or test{where[i]}")
+    key = pd.Series([os.path.normcase(p) for p in rows["path"]])
+    for _, group in key[~drop & key.duplicated(keep=False).to_numpy()].groupby(key, sort=False):
+        idx = group.index.to_numpy()
+        first = idx[0]
+        same = rows["label"].iloc[idx].nunique() == 1 and rows["split"].iloc[idx].str.lower().nunique() == 1
+        if same:
+            for i in idx[1:]:
+                mark(i, f"duplicate: same file as line {lines[first]}{where[i]}" if lines[first] else "duplicate")
+        else:
+            found = ", ".join(f"{rows['label'].iat[i]}/{rows['split'].iat[i] or '-'}" for i in idx)
+            for i in idx:
+                mark(i, f"conflicting labels: the file is listed as {found} (label/split){where[i]}")
+    if not allow_outside:
+        real_root, real_dirs = os.path.realpath(root), {}
+        for i, path in enumerate(rows["path"]):
+            if not drop[i] and not _inside(path, real_root, real_dirs):
+                mark(i, f"outside data root: resolves to {os.path.realpath(path)}, not under {real_root} "
+                        f"(set allow_outside if intended)")
+    if labels is not None:
+        known = set(labels)
+        for i, label in enumerate(rows["label"]):
+            if not drop[i] and label not in known:
+                mark(i, f"unknown label: '{label}' is not in the label list{where[i]}")
+    rows = rows[~drop].copy()
+    rows["split"] = [_SPLIT_NAMES[s.lower()] for s in rows["split"]]
+    return rows, bad
+
+
+def _inside(path: str, real_root: str, real_dirs: dict[str, str]) -> bool:
+    """Whether ``path`` resolves under ``real_root``; folders are resolved once each (``real_dirs`` caches)."""
+    folder, name = os.path.split(path)
+    if folder not in real_dirs:
+        real_dirs[folder] = os.path.realpath(folder)
+    real = os.path.join(real_dirs[folder], name)
+    real = os.path.realpath(real) if os.path.islink(real) else real
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _check_one(path: str, channels: int, decode: bool, max_pixels: int):
+    """(path, width, height, native channels, dtype) for a usable file, else the reason it is bad."""
+    try:
+        if decode:
+            arr, alpha = _read_native(path, max_pixels)
+            _check_channels(path, arr.shape[-1], alpha, channels)
+            return path, arr.shape[1], arr.shape[0], arr.shape[-1], str(arr.dtype)
+        info = probe(path, max_pixels=max_pixels)
+        _check_channels(path, info.channels, info.alpha, channels)
+        return path, info.width, info.height, info.channels, str(info.dtype)
+    except ImageError as e:
+        return e.reason
+    except Exception as e:  # MemoryError on a huge-but-allowed file, a decoder bug...
+        return f"corrupt: {type(e).__name__}: {e}"
+
+
+def _check_files(paths: list[str], channels: int, decode: bool, max_pixels: int, workers: int | None,
+                 strict: bool) -> list:
+    """Check every file in a thread pool (decoders release the GIL); in strict mode stop at the first bad one."""
+    workers = workers or min(16, (os.cpu_count() or 1) + 4)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        results = []
+        check = functools.partial(_check_one, channels=channels, decode=decode, max_pixels=max_pixels)
+        for path, r in zip(paths, pool.map(check, paths)):
+            if strict and not isinstance(r, tuple):
+                raise _strict_error(path, r)
+            results.append(r)
+        return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _strict_error(path: str, reason: str) -> DataError:
+    return DataError(f"{path}: {reason}\nstrict mode stops at the first bad file: fix or remove it, or set "
+                     f"strict: false to skip bad files and list them in the report")
+
+
+def _sidecar(path: str, reason: str) -> bool:
+    """A non-image file with a non-image extension (notes.txt, labels.json): listed, not held against the data."""
+    return reason.startswith("not an image") and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS
+
+
+def _too_many_bad(bad: list, counted: int, total: int, root: Path, max_bad_fraction: float) -> str:
+    kinds = pd.Series([r.split(":")[0] for p, r in bad if not _sidecar(p, r)]).value_counts()
+    examples = "\n".join(f"  {_rel(p, root)}: {r}" for p, r in bad[:5])
+    return (f"{counted} of {total} files under {root} are bad ({counted / total:.0%} > max_bad_fraction "
+            f"{max_bad_fraction:g}): " + ", ".join(f"{k} {v}" for k, v in kinds.items()) +
+            f"\n{examples}\nFix or remove them, or raise train.max_bad_fraction if skipping them is fine.")
+
+
+def _class_warnings(good: pd.DataFrame, rows: pd.DataFrame, min_per_class: int, labels, warnings: list[str]):
+    """Warn about classes that vanish, are tiny or miss a split; drop those under ``min_per_class``."""
+    counts = good["label"].value_counts()
+    for label in sorted(set(rows["label"]) - set(counts.index)):
+        warnings.append(f"class '{label}' has no readable images: not a class")
+    small = sorted(c for c, n in counts.items() if n < min_per_class)
+    if small:
+        warnings.append(f"classes with fewer than min_per_class={min_per_class} images left out: "
+                        + ", ".join(f"{c} ({counts[c]})" for c in small))
+        good = good[~good["label"].isin(small)]
+        counts = counts.drop(small)
+    for label in sorted(set(labels or ()) - set(counts.index)):
+        warnings.append(f"class '{label}' from the label list has no images")
+    for label in sorted(c for c, n in counts.items() if n == 1):
+        warnings.append(f"class '{label}' has only 1 image: it stays in train, with none to validate on")
+    given = set(good["split"]) - {""}
+    for name in ("train", "val"):
+        if name in given:
+            missing = sorted(set(counts.index) - set(good.loc[good["split"] == name, "label"]))
+            if missing and counts[missing].max() > 1:
+                warnings.append(f"classes with no {name} images: {', '.join(missing)}")
+    return good
+
+
+def _rel(path, root: Path) -> str:
+    rel = os.path.relpath(path, root)
+    return str(path) if rel.startswith("..") else rel
+
+
+# -- splitting ---------------------------------------------------------------------------------------------------
+
+def _n_val(n: np.ndarray | int, fraction: float):
+    """Val images for a class of ``n``: round(n * fraction), at least 1 and at most n - 1; none for n < 2."""
+    n = np.asarray(n)
+    return np.where(n < 2, 0, np.clip(np.floor(n * fraction + 0.5), 1, n - 1)).astype(int)
+
+
+def _stratified(pool: pd.DataFrame, fraction: float, seed: int) -> list:
+    val = []
+    for label, rows in pool.groupby("label", sort=True):
+        # one generator per class: adding a class does not reshuffle the others
+        rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
+        val += list(rng.permutation(rows.index.to_numpy())[: int(_n_val(len(rows), fraction))])
+    return val
+
+
+def _group_keys(pool: pd.DataFrame, groups) -> pd.Series:
+    if callable(groups):
+        keys = pool["path"].map(groups)
+    elif groups in pool.columns:
+        keys = pool[groups]
+    else:
+        pattern = re.compile(groups)
+        matches = [pattern.search(os.path.basename(p)) for p in pool["path"]]
+        keys = pd.Series([m and (m.group(1) if pattern.groups else m.group(0)) for m in matches], index=pool.index)
+    missing = keys.isna() | (keys.astype(str) == "")
+    if missing.any():
+        example = os.path.basename(pool.loc[missing, "path"].iloc[0])
+        raise DataError(f"split groups {groups!r} give no group for {int(missing.sum())} files (e.g. {example}): "
+                        f"fix the pattern so every file name matches, or they could leak between train and val")
+    return keys.astype(str)
+
+
+def _grouped(pool: pd.DataFrame, keys: pd.Series, fraction: float, seed: int) -> list:
+    """Whole groups go to val, greedily in a seeded order, while that brings every class closer to its
+    target; train keeps at least one image of each class. A class all in one group cannot be validated."""
+    table = pd.crosstab(keys, pool["label"])  # groups x classes, both sorted
+    counts, n = table.to_numpy(), table.to_numpy().sum(axis=0)
+    target = _n_val(n, fraction)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(table))
+    taken, val = np.zeros(len(table), dtype=bool), np.zeros(len(n), dtype=int)
+
+    def cost(v):
+        return (np.abs(target - v) / np.maximum(n, 1)).sum()
+
+    def keeps_train(v):
+        return bool(np.all((n - v >= 1) | (n == 0)))
+
+    for g in order:
+        new = val + counts[g]
+        if keeps_train(new) and cost(new) < cost(val):
+            taken[g], val = True, new
+    for c in np.flatnonzero((val == 0) & (target > 0)):  # still unvalidated: take its smallest fitting group
+        for g in sorted(np.flatnonzero((counts[:, c] > 0) & ~taken), key=lambda g: (counts[g].sum(), g)):
+            if keeps_train(val + counts[g]):
+                taken[g], val = True, val + counts[g]
+                break
+    chosen = set(table.index[taken])
+    return pool.index[keys.isin(chosen).to_numpy()].tolist()

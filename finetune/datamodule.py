@@ -1,0 +1,114 @@
+"""Lightning data wiring: datasets from a scanned item table, seeded samplers, loader settings."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data import ImageDataset
+
+
+def default_workers() -> int:
+    """Loader processes: half the cores (the other half computes), none on a single core."""
+    return min(8, (os.cpu_count() or 1) // 2)
+
+
+class EpochSampler(Sampler):
+    """Shuffled (or class-balanced) indices that depend only on (seed, epoch), each with a per-sample seed for
+    augmentation: an epoch replays identically after a resume, with any number of workers."""
+
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+class SeededDataset(Dataset):
+    """Accepts ``(index, seed)`` keys from :class:`EpochSampler` and seeds the augmentation for that sample."""
+
+    def __init__(self, base: ImageDataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+        return self.base[index]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over an item table (columns path, label, split)."""
+
+    def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], *, read_channels: int,
+                 train_transform: Callable, eval_transform: Callable, intensity: Callable | None,
+                 batch_size: int = 32, num_workers: int | str = "auto", seed: int = 0,
+                 balance: str = "none"):
+        super().__init__()
+        self.items, self.class_to_idx = items.reset_index(drop=True), class_to_idx
+        self.read_channels, self.intensity = read_channels, intensity
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.batch_size, self.seed, self.balance = batch_size, seed, balance
+        self.num_workers = default_workers() if num_workers == "auto" else int(num_workers)
+
+    def _part(self, split: str) -> pd.DataFrame:
+        return self.items[self.items["split"] == split].reset_index(drop=True)
+
+    def dataset(self, split: str, train_transform: bool = False) -> ImageDataset:
+        return ImageDataset(self._part(split), self.class_to_idx, channels=self.read_channels,
+                            transform=self.train_transform if train_transform else self.eval_transform,
+                            intensity=self.intensity)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=shuffle,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available(), drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        base = self.dataset("train", train_transform=True)
+        weights = None
+        if self.balance == "sampler":
+            counts = base.items["label"].value_counts()
+            weights = (1.0 / base.items["label"].map(counts)).to_numpy()
+        return self._loader(SeededDataset(base, self.train_transform), EpochSampler(len(base), self.seed, weights))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"))
+
+    def adapt_dataloader(self) -> DataLoader:
+        """Training images through the evaluation pipeline, for re-estimating BN statistics (AdaBN)."""
+        return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True, num_workers=0,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def class_weights(self) -> torch.Tensor:
+        """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``."""
+        counts = self._part("train")["label"].value_counts()
+        freq = torch.tensor([counts.get(c, 0) for c in sorted(self.class_to_idx, key=self.class_to_idx.get)],
+                            dtype=torch.float)
+        w = 1.0 / freq.clamp(min=1)
+        return w * len(w) / w.sum()

@@ -1,0 +1,49 @@
+"""Real example image folders built from images that packages ship, so the quickstart needs no network."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def texture_folder(folder: str | Path, patch: int = 64, val_every: int = 4) -> Path:
+    """scikit-image's brick, grass and gravel photographs cut into patches: a 3-class folder with train/ and val/.
+
+    Each 512x512 texture gives 64 non-overlapping 64x64 patches; every ``val_every``-th patch goes to val/.
+    An existing folder is reused as it is (it is never overwritten).
+    """
+    from skimage import data
+
+    root = Path(folder)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    for name in ("brick", "grass", "gravel"):
+        img = getattr(data, name)()
+        rows, cols = img.shape[0] // patch, img.shape[1] // patch
+        for i in range(rows * cols):
+            r, c = divmod(i, cols)
+            tile = img[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            split = "val" if i % val_every == 0 else "train"
+            out = root / split / name
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(tile)).save(out / f"{name}_{i:03d}.png")
+    return root
+
+
+def digits_folder(folder: str | Path, per_class: int | None = None, size: int = 32) -> Path:
+    """scikit-learn's 8x8 handwritten digits, upsampled to ``size`` px, one sub-folder per digit."""
+    from sklearn.datasets import load_digits
+
+    root = Path(folder)
+    d = load_digits()
+    counts: dict[int, int] = {}
+    for img, label in zip(d.images, d.target):
+        if per_class is not None and counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        out = root / str(label)
+        out.mkdir(parents=True, exist_ok=True)
+        arr = (img / 16.0 * 255).astype(np.uint8)
+        Image.fromarray(arr).resize((size, size), Image.BILINEAR).save(out / f"{label}_{counts[label]:04d}.png")
+    return root

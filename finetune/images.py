@@ -1,0 +1,379 @@
+"""Read one image file into an HxWxC array in its native dtype, and scale its intensities to [0, 1].
+
+PNG, JPEG, BMP, WebP and GIF go through Pillow; TIFF through tifffile (16-bit, multi-page, multi-channel);
+16-bit colour PNG through OpenCV, because Pillow squashes it to 8 bits (timm issue 831).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageError", "ImageInfo", "dataset_percentiles", "probe",
+           "read_image", "to_unit_float"]
+
+MAX_PIXELS = 89_478_485  # Pillow's own default limit
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
+
+# Pillow may only pick these decoders; EPS (Ghostscript), PSD & co. are refused as "not an image".
+_PIL_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "WEBP", "GIF", "PPM", "TIFF")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8", b"P5", b"P6", *_TIFF_MAGIC)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pillow mode -> (channels as read_image returns them natively, dtype, last channel is alpha)
+_PIL_MODES = {
+    "1": (1, "uint8", False), "L": (1, "uint8", False), "LA": (2, "uint8", True), "La": (2, "uint8", True),
+    "P": (3, "uint8", False), "PA": (4, "uint8", True), "RGB": (3, "uint8", False), "RGBX": (3, "uint8", False),
+    "RGBA": (4, "uint8", True), "RGBa": (4, "uint8", True), "CMYK": (3, "uint8", False),
+    "YCbCr": (3, "uint8", False), "LAB": (3, "uint8", False), "HSV": (3, "uint8", False),
+    "I;16": (1, "uint16", False), "I;16L": (1, "uint16", False), "I;16B": (1, "uint16", False),
+    "I;16N": (1, "uint16", False), "I": (1, "int32", False), "F": (1, "float32", False),
+}
+
+
+class ImageError(Exception):
+    """One file cannot be read as the image the recipe expects; ``reason`` starts with a fixed kind
+    ("empty file", "not an image", "corrupt", "truncated", "too large", "unreadable", "missing file",
+    "wrong channels", "unsupported") followed by ": detail"."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(str(path), reason)
+        self.path, self.reason = str(path), reason
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says: size after EXIF rotation, channels as read natively (alpha included), dtype."""
+
+    width: int
+    height: int
+    channels: int
+    dtype: np.dtype
+    alpha: bool = False
+
+
+def read_image(path: str | os.PathLike, channels: int = 3, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a whole file into an HxWx``channels`` array in its native dtype (uint8, uint16 or float32).
+
+    EXIF orientation is applied. Alpha is dropped unless asked for (``channels`` 4 for RGBA, 2 for gray+alpha),
+    as Pillow's ``convert('RGB')`` in torchvision does; palette and CMYK become RGB. Gray is replicated for
+    ``channels=3``; RGB becomes luminance (ITU-R 601) for ``channels=1``. TIFF alpha is never dropped: a
+    4-channel TIFF is 4 channels (tifffile tags any HxWx4 array as RGBA). Other integer types become uint16
+    when their values fit, else float32. Raises ImageError for anything else, before decoding when the
+    header says width*height > ``max_pixels``.
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    arr, alpha = _read_native(path, max_pixels)
+    return _fit_channels(arr, alpha, channels, path)
+
+
+def probe(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Read only the header: size, native channels and dtype, without decoding pixels (a truncated file passes)."""
+    with _open(path) as f:
+        head = _head(f, path)
+        try:
+            if head[:4] in _TIFF_MAGIC:
+                return _probe_tiff(f, path, max_pixels)
+            if _is_png16_colour(head):
+                width, height, color_type = struct.unpack(">II", head[16:24]) + (head[25],)
+                _check_size(path, width, height, max_pixels)
+                k = {2: 3, 4: 2, 6: 4}[color_type]
+                return ImageInfo(width, height, k, np.dtype("uint16"), alpha=color_type != 2)
+            im = _open_pil(f, path, head)
+            _check_size(path, *im.size, max_pixels)
+            k, dtype, alpha = _PIL_MODES.get(im.mode, (3, "uint8", False))
+            if im.mode == "P" and "transparency" in im.info:
+                k, alpha = 4, True
+            width, height = im.size
+            if _orientation(im) in (5, 6, 7, 8):  # rotated by 90 degrees
+                width, height = height, width
+            return ImageInfo(width, height, k, np.dtype(dtype), alpha)
+        except ImageError:
+            raise
+        except Exception as e:  # a header parser tripping on garbage
+            raise ImageError(path, f"corrupt: {type(e).__name__}: {e}") from e
+
+
+def to_unit_float(img: np.ndarray, mode: str = "range", percentiles: Sequence[float] = (1.0, 99.8),
+                  stats: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
+    """Scale an HxWxC (or HxW) image to float32, never through 8 bits.
+
+    'range': integers divided by their dtype's max (255, 65535); floats kept as they are (assumed in [0, 1]).
+    'percentile': each image, per channel, maps its own low/high percentiles to 0/1, clipped.
+    'dataset': the same with fixed per-channel ``stats=(low, high)``, e.g. from dataset_percentiles().
+    """
+    if mode == "range":
+        if img.dtype.kind in "ui":
+            return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
+        return img.astype(np.float32)
+    flat = img.reshape(-1, img.shape[-1] if img.ndim == 3 else 1)
+    if mode == "percentile":
+        low, high = np.percentile(flat, percentiles, axis=0)
+    elif mode == "dataset":
+        if stats is None:
+            raise ValueError("to_unit_float(mode='dataset') needs stats=(low, high), e.g. from dataset_percentiles()")
+        low, high = (np.broadcast_to(np.asarray(s, np.float64), flat.shape[1:]) for s in stats)
+    else:
+        raise ValueError(f"unknown intensity mode {mode!r}: use 'range', 'percentile' or 'dataset'")
+    span = np.where(high > low, high - low, np.inf)  # a flat channel becomes 0, not NaN
+    return np.clip((img.astype(np.float32) - low.astype(np.float32)) / span.astype(np.float32), 0, 1)
+
+
+def dataset_percentiles(paths: Iterable[str | os.PathLike], channels: int, percentiles: Sequence[float] = (1.0, 99.8),
+                        max_images: int = 256, pixels_per_image: int = 65536, seed: int = 0,
+                        max_pixels: int = MAX_PIXELS) -> tuple[list[float], list[float]]:
+    """Per-channel (low, high) intensity percentiles over a seeded sample of images, in the files' own units,
+    for ``to_unit_float(mode='dataset', stats=...)``."""
+    paths = list(paths)
+    if not paths:
+        raise ValueError("dataset_percentiles needs at least one image path")
+    rng = np.random.default_rng(seed)
+    if len(paths) > max_images:
+        paths = [paths[i] for i in np.sort(rng.choice(len(paths), max_images, replace=False))]
+    samples = []
+    for path in paths:
+        flat = read_image(path, channels, max_pixels=max_pixels).reshape(-1, channels)
+        if len(flat) > pixels_per_image:
+            flat = flat[rng.choice(len(flat), pixels_per_image, replace=False)]
+        samples.append(flat.astype(np.float64))
+    low, high = np.percentile(np.concatenate(samples), percentiles, axis=0)
+    return low.tolist(), high.tolist()
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+
+def _open(path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        reason = "broken symlink" if os.path.islink(path) else "no such file (deleted or moved since the scan?)"
+        raise ImageError(path, f"missing file: {reason}") from None
+    except IsADirectoryError:
+        raise ImageError(path, "not an image: a directory") from None
+    except PermissionError:
+        raise ImageError(path, "unreadable: permission denied (check the file's permissions)") from None
+    except OSError as e:
+        raise ImageError(path, f"unreadable: {e.strerror or e}") from None
+
+
+def _head(f, path) -> bytes:
+    try:
+        head = f.read(32)
+        f.seek(0)
+    except OSError as e:
+        raise ImageError(path, f"unreadable: {e.strerror or e}") from None
+    if not head:
+        raise ImageError(path, "empty file")
+    return head
+
+
+def _read_native(path, max_pixels: int) -> tuple[np.ndarray, bool]:
+    """HxWxK array as stored (after EXIF rotation), and whether its last channel is alpha."""
+    with _open(path) as f:
+        head = _head(f, path)
+        if head[:4] in _TIFF_MAGIC:
+            return _read_tiff(f, path, max_pixels)
+        if _is_png16_colour(head):
+            return _read_png16(f, path, head, max_pixels)
+        return _read_pil(f, path, head, max_pixels)
+
+
+def _check_size(path, width: int, height: int, max_pixels: int, planes: int = 1) -> None:
+    if width * height * planes > max_pixels:
+        size = f"{width}x{height}" if planes == 1 else f"{planes} planes of {width}x{height}"
+        raise ImageError(path, f"too large: {size} > {max_pixels} pixels (raise image.max_pixels if you trust it)")
+
+
+def _not_image_reason(head: bytes) -> str:
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "corrupt: cannot identify image file"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "not an image: an HTML page (a failed download?)"
+    if all(b >= 32 or b in b"\t\n\r" for b in head):
+        return "not an image: a text file"
+    return "not an image: unknown format"
+
+
+def _load_failure(e: Exception) -> str:
+    if "truncated" in str(e).lower():
+        return f"truncated: {e}"
+    return f"corrupt: {e}" if isinstance(e, OSError) else f"corrupt: {type(e).__name__}: {e}"
+
+
+def _open_pil(f, path, head: bytes) -> Image.Image:
+    try:
+        return Image.open(f, formats=_PIL_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"too large: {str(e).split(', could')[0]} (Pillow's own guard)") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, _not_image_reason(head)) from None
+    except Exception as e:
+        raise ImageError(path, _load_failure(e)) from None
+
+
+def _read_pil(f, path, head: bytes, max_pixels: int) -> tuple[np.ndarray, bool]:
+    im = _open_pil(f, path, head)
+    _check_size(path, *im.size, max_pixels)
+    try:
+        im.load()
+    except Exception as e:  # OSError, SyntaxError, ValueError, zlib.error, EOFError... from a damaged stream
+        raise ImageError(path, _load_failure(e)) from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # broken EXIF block: keep the pixels as stored
+        pass
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(im).astype(np.uint16)[..., None], False  # astype: big-endian I;16B to native
+    if im.mode in ("I", "F"):
+        return _native_dtype(np.asarray(im))[..., None], False
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    alpha = im.mode in ("LA", "La", "PA", "RGBA", "RGBa")
+    if alpha:
+        im = im.convert("LA" if im.mode in ("LA", "La") else "RGBA")
+    elif im.mode != "L":
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+    arr = np.asarray(im)
+    return (arr[..., None] if arr.ndim == 2 else arr), alpha
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: read_image keeps such pixels as stored too
+        return 1
+
+
+def _is_png16_colour(head: bytes) -> bool:
+    """A 16-bit PNG with colour or alpha, which Pillow would read as 8-bit."""
+    return head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+
+
+def _read_png16(f, path, head: bytes, max_pixels: int) -> tuple[np.ndarray, bool]:
+    import cv2
+
+    width, height = struct.unpack(">II", head[16:24])
+    _check_size(path, width, height, max_pixels)
+    arr = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageError(path, "corrupt: OpenCV cannot decode this 16-bit PNG (truncated or damaged)")
+    if head[25] == 4:  # gray+alpha comes back as BGRA with gray copied thrice
+        return np.ascontiguousarray(arr[..., [0, 3]]), True
+    order = [2, 1, 0, 3] if arr.shape[-1] == 4 else [2, 1, 0]
+    return np.ascontiguousarray(arr[..., order]), arr.shape[-1] == 4
+
+
+def _tiff_layout(tf, path, max_pixels: int):
+    """The series to read (several same-shape 2-D series are stacked as channels), its axes and shape."""
+    series = tf.series[0]
+    axes, shape = series.axes, tuple(series.shape)
+    if "Y" not in axes or "X" not in axes:
+        raise ImageError(path, f"corrupt: no readable image in this TIFF (axes {axes!r})")
+    extra = [a for a in axes if a not in "YX"]
+    if len(extra) > 1:
+        raise ImageError(path, f"unsupported: TIFF with axes {axes!r} and shape {shape} has more than one "
+                               f"non-spatial axis; save one 2-D (multi-channel) image per file")
+    same = [s for s in tf.series if tuple(s.shape) == shape and s.dtype == series.dtype]
+    stack = axes == "YX" and len(tf.series) > 1 and len(same) == len(tf.series)
+    height, width = shape[axes.index("Y")], shape[axes.index("X")]
+    k = len(tf.series) if stack else (shape[axes.index(extra[0])] if extra else 1)
+    planes = 1 if (extra == ["S"] or not (stack or extra)) else k
+    _check_size(path, width, height, max_pixels, planes)
+    return (tf.series if stack else [series]), axes, k
+
+
+def _probe_tiff(f, path, max_pixels: int) -> ImageInfo:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(f) as tf:
+            series, axes, k = _tiff_layout(tf, path, max_pixels)
+            shape, dtype = series[0].shape, series[0].dtype
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(path, f"corrupt: {type(e).__name__}: {e}") from None
+    dtype = np.dtype("uint8") if dtype == bool else (np.dtype("float32") if dtype.kind == "f" else dtype)
+    return ImageInfo(shape[axes.index("X")], shape[axes.index("Y")], k, dtype)
+
+
+def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(f) as tf:
+            series, axes, _ = _tiff_layout(tf, path, max_pixels)
+            try:
+                arrays = [s.asarray() for s in series]
+            except KeyError as e:  # a compression (LZW, JPEG, ...) that needs imagecodecs
+                if len(series) == 1 and axes in ("YX", "YXS"):
+                    f.seek(0)
+                    return _read_pil(f, path, _head(f, path), max_pixels)
+                raise ImageError(path, f"unsupported: {e.args[0]}: pip install imagecodecs") from None
+    except ImageError:
+        raise
+    except Exception as e:
+        kind = "truncated" if "failed to read" in str(e) else "corrupt"  # tifffile's short read
+        raise ImageError(path, f"{kind}: {type(e).__name__}: {e}") from None
+    if len(arrays) > 1:
+        arr = np.stack(arrays, axis=-1)
+    else:
+        arr = arrays[0]
+        extra = [a for a in axes if a not in "YX"]
+        order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in extra]
+        arr = arr.transpose(order)
+        arr = arr if extra else arr[..., None]
+    return np.ascontiguousarray(_native_dtype(arr)), False
+
+
+def _native_dtype(arr: np.ndarray) -> np.ndarray:
+    """uint8/uint16/float32 as they are; bool to 0/255; other integers to uint16 if they fit, else float32."""
+    if arr.dtype in (np.uint8, np.uint16, np.float32):
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * np.uint8(255)
+    if arr.dtype.kind in "ui" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+        return arr.astype(np.uint16)
+    return arr.astype(np.float32)
+
+
+# -- channels --------------------------------------------------------------------------------------------------
+
+def _check_channels(path, k: int, alpha: bool, channels: int) -> None:
+    """Raise unless a file with ``k`` channels (the last one alpha if ``alpha``) can be read as ``channels``."""
+    color = k - alpha
+    if channels in (k, color) or (channels, color) in ((3, 1), (1, 3)):
+        return
+    has = f"{color} channels + alpha" if alpha else f"{k} channel{'s' * (k != 1)}"
+    fix = f"set image.channels: {color} in the recipe" + (f" (or {k} to keep alpha)" if alpha else "")
+    raise ImageError(path, f"wrong channels: file has {has}, the recipe reads {channels}: {fix}, or convert the file")
+
+
+def _fit_channels(arr: np.ndarray, alpha: bool, channels: int, path) -> np.ndarray:
+    _check_channels(path, arr.shape[-1], alpha, channels)
+    if arr.shape[-1] == channels:
+        return arr
+    if alpha:
+        arr = arr[..., :-1]
+        if arr.shape[-1] == channels:
+            return np.ascontiguousarray(arr)
+    if channels == 3:
+        return np.repeat(arr, 3, axis=-1)
+    gray = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if arr.dtype.kind == "f":
+        return gray.astype(arr.dtype)[..., None]
+    return np.rint(gray).astype(arr.dtype)[..., None]

@@ -1,0 +1,409 @@
+"""The recipe: one validated object that carries every setting from a YAML file to the run folder.
+
+A recipe is a tree of dataclasses. YAML files (shipped ones in ``recipes/`` or a user's own) are merged
+onto the defaults, may ``extends:`` another recipe, and take ``section.key=value`` overrides; every key and
+value is checked once, here, so the rest of the code never re-validates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe file, key or value is wrong; the message names it and says what to do."""
+
+
+@dataclass
+class Backbone:
+    """Which pretrained network to start from."""
+
+    name: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights: Union[str, None] = None  # a local weights file; None: timm hub, then packaged weights
+    drop_rate: float = 0.2
+
+
+@dataclass
+class Image:
+    """How files become float tensors: channels, intensity scaling, input size and normalisation."""
+
+    channels: int = 3  # channels read from each file: 1 gray, 3 RGB, N multi-channel TIFF
+    stem: Literal["replicate", "adapt"] = "replicate"  # channels != 3: copy to 3, or adapt the first conv
+    intensity: Literal["range", "percentile", "dataset"] = "range"
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    size: Union[int, None] = None  # None: the backbone's data config
+    crop_pct: Union[float, None] = None  # None: the backbone's data config
+    interpolation: Union[str, None] = None  # None: the backbone's data config
+    mean: Union[tuple[float, ...], None] = None  # None: the backbone's (ImageNet) statistics
+    std: Union[tuple[float, ...], None] = None
+    max_pixels: int = 89_478_485  # decompression-bomb guard
+
+
+@dataclass
+class Augment:
+    """The albumentations pipeline: a crop, then a list of transforms (by class name), then normalisation."""
+
+    crop: Literal["random_resized", "resize"] = "random_resized"
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    eval_crop: Literal["center", "resize"] = "center"
+    transforms: list[dict] = field(default_factory=lambda: [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "ColorJitter", "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02, "p": 0.5},
+    ])
+
+
+@dataclass
+class Freeze:
+    """The freeze-policy prior: what the images are, and how much of the decision to leave to ``auto``."""
+
+    domain: Union[str, float] = "natural"  # natural | histology | microscopy | fluorescence | measure | 0..1
+    mode: Literal["auto", "full", "probe", "fixed"] = "auto"
+    depth: Union[int, None] = None  # mode fixed: how many leading groups stay fixed
+    bn: Literal["auto", "train", "frozen", "adapt", "affine"] = "auto"
+    schedule: Literal["auto", "none", "lp-ft", "gradual"] = "auto"
+    probe_epochs: Union[int, None] = None  # lp-ft: epochs of linear probe before unfreezing; None: auto
+    lr_decay: Union[float, None] = None  # multiplier per group going back from the head; None: auto
+
+
+@dataclass
+class Optim:
+    """Optimiser and learning-rate schedule; ``lr`` is the head's rate, the backbone gets a fraction of it."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.01
+
+
+@dataclass
+class Loss:
+    """Loss settings: label smoothing and class balancing for skewed data."""
+
+    label_smoothing: float = 0.1
+    balance: Literal["none", "sampler", "weights"] = "none"
+
+
+@dataclass
+class Train:
+    """The loop: epochs, batches, hardware, splits, data checks, speed switches."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    val_fraction: float = 0.2
+    split_groups: Union[str, None] = None  # regex on the file name; its match keeps a group on one side
+    num_workers: Union[int, str] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    cache_features: Union[bool, str] = "auto"
+    max_bad_fraction: float = 0.2
+    strict: bool = False
+    allow_outside: bool = False
+
+
+@dataclass
+class Recipe:
+    """Every setting of a run, validated."""
+
+    name: str = "custom"
+    description: str = ""
+    backbone: Backbone = field(default_factory=Backbone)
+    image: Image = field(default_factory=Image)
+    augment: Augment = field(default_factory=Augment)
+    freeze: Freeze = field(default_factory=Freeze)
+    optim: Optim = field(default_factory=Optim)
+    loss: Loss = field(default_factory=Loss)
+    train: Train = field(default_factory=Train)
+
+    def to_dict(self) -> dict:
+        """Plain dict (tuples as lists) that ``from_dict`` and YAML round-trip."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved recipe; refuses to overwrite an existing file."""
+        with open(path, "x") as f:
+            f.write(self.to_yaml())
+
+    def override(self, overrides: dict[str, Any] | list[str] | None, source: str = "override") -> Recipe:
+        """A new recipe with ``{'optim.lr': 3e-4}`` or ``['optim.lr=3e-4']`` applied and validated."""
+        data = self.to_dict()
+        for key, value in _parse_overrides(overrides):
+            _set_dotted(data, key, value)
+        return from_dict(data, source)
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "image.channels": (1, 64), "image.size": (8, 4096), "image.crop_pct": (0.1, 1.0),
+    "image.max_pixels": (1, 1e12), "backbone.drop_rate": (0, 0.99),
+    "freeze.depth": (0, 1000), "freeze.probe_epochs": (0, 10_000), "freeze.lr_decay": (0.0, 1.0),
+    "optim.lr": (1e-8, 10), "optim.weight_decay": (0, 10), "optim.momentum": (0, 1),
+    "optim.warmup_epochs": (0, 10_000), "optim.min_lr_ratio": (0, 1), "loss.label_smoothing": (0, 0.99),
+    "train.epochs": (1, 100_000), "train.batch_size": (1, 1 << 16), "train.num_nodes": (1, 10_000),
+    "train.val_fraction": (0, 0.9), "train.max_bad_fraction": (0, 1),
+}
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+DOMAIN_WORDS = ("natural", "histology", "microscopy", "fluorescence", "measure")
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    """Validate a nested dict against the schema; ``source`` names the file in errors."""
+    data = dict(data)
+    data.pop("extends", None)
+    recipe = _build(Recipe, data, "", source)
+    _check_consistency(recipe, source)
+    return recipe
+
+
+def load_recipe(name_or_path: str | Path | None = None, overrides: dict | list | None = None) -> Recipe:
+    """Load a shipped recipe by name (``natural``) or a YAML file by path, resolve ``extends``, apply overrides."""
+    if name_or_path is None:
+        recipe = Recipe()
+    else:
+        path = resolve_path(name_or_path)
+        recipe = from_dict(_load_tree(path, ()), str(path))
+    return recipe.override(overrides) if overrides else recipe
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe names and their one-line descriptions."""
+    out = {}
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        data = _read_yaml(path)
+        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+    return out
+
+
+def resolve_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """A recipe file: an existing path (absolute, or relative to ``relative_to``), else a shipped name."""
+    candidates = [Path(name_or_path)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name_or_path)
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    shipped = RECIPE_DIR / f"{Path(str(name_or_path)).stem}.yaml"
+    if shipped.is_file() and not str(name_or_path).endswith((".yaml", ".yml")):
+        return shipped
+    names = sorted(list_recipes())
+    hint = difflib.get_close_matches(str(name_or_path), names, n=1)
+    raise RecipeError(
+        f"recipe '{name_or_path}' is neither a file nor a shipped recipe"
+        + (f"; did you mean '{hint[0]}'?" if hint else "")
+        + f" Shipped recipes: {', '.join(names)}; or pass the path to your own YAML file."
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (backbone:, image:, ...), got {type(data).__name__}")
+    return data
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...]) -> dict:
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' loops back to itself through {' -> '.join(map(str, seen))}")
+    data = _read_yaml(path)
+    parent = data.get("extends")
+    if parent is None:
+        return data
+    base = _load_tree(resolve_path(parent, relative_to=path.parent), seen + (path,))
+    return _merge(base, data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge mappings; lists and scalars in ``top`` replace those in ``base``."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_overrides(overrides: dict | list | None) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override '{item}' is not key=value; write for example --set optim.lr=3e-4")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return pairs
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    *parents, last = key.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            _unknown(p, [k for k, v in node.items() if isinstance(v, dict)], "", "override")
+        node = node[p]
+    if last not in node:
+        _unknown(last, list(node), ".".join(parents), "override")
+    node[last] = value
+
+
+def _unknown(key: str, valid: list[str], prefix: str, source: str) -> None:
+    full = f"{prefix}.{key}" if prefix else key
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    close = f"; did you mean '{prefix + '.' if prefix else ''}{hint[0]}'?" if hint else ""
+    raise RecipeError(f"{source}: unknown key '{full}'{close} Valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: '{prefix}' must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            _unknown(str(key), names, prefix, source)
+        where = f"{prefix}.{key}" if prefix else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, where, source)
+        else:
+            kwargs[key] = _coerce(value, tp, where, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form (tuples, floats)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(value, option, where, source)
+            except RecipeError as e:
+                errors.append(e)
+        raise errors[0] if len(args) == 2 and type(None) in args and value is not None else RecipeError(
+            f"{source}: '{where}' = {value!r} must be one of: {' or '.join(_type_name(a) for a in args)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise RecipeError(f"{source}: '{where}' must be empty (null), got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        raise RecipeError(f"{source}: '{where}' = {value!r} is not allowed; choose one of {', '.join(map(str, args))}"
+                          + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{source}: '{where}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{source}: '{where}' must have {len(args)} items, got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: '{where}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)] if args else list(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{source}: '{where}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # PyYAML reads 3e-4 (no dot) as text
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if tp is int and ok and float(value) != int(value):
+            ok = False
+        if not ok:
+            raise RecipeError(f"{source}: '{where}' must be a{'n integer' if tp is int else ' number'}, got {value!r}")
+        value = tp(value)
+        lo, hi = _RANGES.get(where.split("[")[0], (-float("inf"), float("inf")))
+        if not lo <= value <= hi:
+            raise RecipeError(f"{source}: '{where}' = {value} is out of range; use a value in [{lo:g}, {hi:g}]")
+        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{source}: '{where}' must be text, got {value!r}")
+    raise TypeError(f"schema type {tp} of '{where}' is not supported")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return {type(None): "null", int: "an integer", float: "a number", str: "text", bool: "true/false"}.get(tp, str(tp))
+
+
+def _check_consistency(r: Recipe, source: str) -> None:
+    """Cross-field rules: each error names both sides."""
+    d = r.freeze.domain
+    if isinstance(d, str) and d not in DOMAIN_WORDS:
+        hint = difflib.get_close_matches(d, DOMAIN_WORDS, n=1)
+        raise RecipeError(f"{source}: 'freeze.domain' = {d!r} is not known; use one of {', '.join(DOMAIN_WORDS)} "
+                          f"or a distance in [0, 1]" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    if isinstance(d, float) and not 0 <= d <= 1:
+        raise RecipeError(f"{source}: 'freeze.domain' = {d} must be a distance in [0, 1]")
+    if r.image.channels > 3 and r.image.stem == "replicate":
+        raise RecipeError(f"{source}: 'image.channels' = {r.image.channels} cannot use 'image.stem' = replicate "
+                          f"(that copies one channel to three); set image.stem: adapt")
+    if r.image.channels == 2:
+        raise RecipeError(f"{source}: 'image.channels' = 2 is not supported: use 1, 3 or 4 and more (adapted stem)")
+    for key in ("mean", "std"):
+        v = getattr(r.image, key)
+        n = r.image.channels if r.image.stem == "adapt" else 3
+        if v is not None and len(v) not in (1, n):
+            raise RecipeError(f"{source}: 'image.{key}' has {len(v)} values but the model sees {n} channels "
+                              f"(image.channels={r.image.channels}, image.stem={r.image.stem}); give {n} values or null")
+    if r.freeze.mode == "fixed" and r.freeze.depth is None:
+        raise RecipeError(f"{source}: 'freeze.mode' = fixed needs 'freeze.depth' (how many leading groups stay fixed)")
+    lo, hi = r.augment.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise RecipeError(f"{source}: 'augment.crop_scale' = [{lo}, {hi}] must satisfy 0 < low <= high <= 1")
+    if isinstance(r.train.cache_features, str) and r.train.cache_features != "auto":
+        raise RecipeError(f"{source}: 'train.cache_features' = {r.train.cache_features!r}: use auto, true or false")
+    if isinstance(r.train.num_workers, str) and r.train.num_workers != "auto":
+        raise RecipeError(f"{source}: 'train.num_workers' = {r.train.num_workers!r}: use auto or a number")
+    for i, t in enumerate(r.augment.transforms):
+        if "name" not in t:
+            raise RecipeError(f"{source}: 'augment.transforms[{i}]' = {t!r} needs a 'name' (an albumentations class)")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,195 @@
+"""Run folders: created once, appended to on resume, read back by evaluate, predict and export.
+
+Layout of ``runs/<name>/``: recipe.yaml (resolved), classes.json, items.csv (every image with its split),
+data_report.txt, bad_files.csv, plan.json and plan.txt, data.json (data config, intensity statistics,
+evaluation pipeline), checkpoints/, logs/version_N/metrics.csv, metrics.csv (one row an epoch), summary.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from .freeze import Plan
+from .recipe import Recipe, from_dict, load_recipe
+
+
+class RunError(RuntimeError):
+    """A run folder is missing, incomplete or would be overwritten."""
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that saves to a temporary file and renames: a kill during a save never
+    leaves a broken checkpoint; loading uses ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return load_checkpoint(path, map_location)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint as data only (``weights_only=True``): a crafted pickle cannot run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError and RuntimeError alike
+        raise RunError(f"{path} is not a plain checkpoint and was refused (only tensors and plain data load; "
+                       f"nothing in it was executed): {str(e).splitlines()[0]}") from None
+
+
+class Run:
+    """One run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- creating ----------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, out: str | Path, name: str | None, stem: str) -> Run:
+        """Make a new run folder under ``out``; a given ``name`` that exists is an error, an automatic name
+        gets a numbered suffix. Nothing that exists is ever reused."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if name:
+            path = out / name
+            try:
+                path.mkdir()
+            except FileExistsError:
+                raise RunError(f"run folder {path} exists and is never overwritten; choose another --name, or "
+                               f"continue it with: finetune train --resume {path}") from None
+            return cls(path)
+        base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for i in range(1000):
+            path = out / (base if i == 0 else f"{base}-{i + 1}")
+            try:
+                path.mkdir()
+                return cls(path)
+            except FileExistsError:
+                continue
+        raise RunError(f"could not create a new run folder under {out}")
+
+    def write_new(self, name: str, data: str | bytes) -> Path:
+        """Write a file that must not exist yet (a run's records are written once)."""
+        path = self.path / name
+        if path.exists():
+            raise RunError(f"{path} exists and is never overwritten")
+        atomic_write(path, data)
+        return path
+
+    def write_json(self, name: str, obj: Any, replace: bool = False) -> Path:
+        text = json.dumps(obj, indent=2, default=_jsonable)
+        if replace:
+            atomic_write(self.path / name, text)
+            return self.path / name
+        return self.write_new(name, text)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        run = cls(path)
+        if not (run.path / "recipe.yaml").is_file():
+            raise RunError(f"{run.path} is not a finetune run folder (no recipe.yaml); pass the folder that "
+                           f"'finetune train' created, e.g. runs/<name>")
+        return run
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            raise RunError(f"{self.path / name} is missing: the run folder is incomplete") from None
+
+    @property
+    def recipe(self) -> Recipe:
+        return load_recipe(self.path / "recipe.yaml")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.read_json("classes.json")
+
+    @property
+    def plan(self) -> Plan:
+        return Plan.from_state_dict(self.read_json("plan.json"))
+
+    @property
+    def items(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "items.csv", keep_default_na=False)
+
+    @property
+    def summary(self) -> dict:
+        return self.read_json("summary.json") if (self.path / "summary.json").exists() else {}
+
+    def checkpoint(self, which: str = "best") -> Path:
+        """The best or last checkpoint file."""
+        folder = self.path / "checkpoints"
+        if which == "last":
+            path = folder / "last.ckpt"
+        else:
+            best = self.summary.get("best_checkpoint")
+            path = self.path / best if best else None
+            if path is None or not path.exists():
+                found = sorted(folder.glob("best-*.ckpt"))
+                path = found[-1] if found else folder / "last.ckpt"
+        if not path.exists():
+            raise RunError(f"{self.path} has no {which} checkpoint yet (the run stopped before its first epoch "
+                           f"ended); start it again")
+        return path
+
+    def metrics(self) -> pd.DataFrame:
+        """One row an epoch, merged over every (resumed) attempt's CSV log."""
+        frames = [pd.read_csv(p) for p in sorted((self.path / "logs").glob("version_*/metrics.csv"))]
+        if not frames:
+            return pd.DataFrame()
+        df = pd.concat(frames, ignore_index=True)
+        if "epoch" not in df:
+            return df
+        return df.groupby("epoch", as_index=False).last()
+
+
+def recipe_from_checkpoint(ckpt: dict) -> Recipe:
+    return from_dict(ckpt["finetune"]["recipe"], "checkpoint")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")

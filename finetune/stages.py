@@ -1,0 +1,110 @@
+"""Stages of any timm model: an ordered list of parameter groups, stem first and the classifier head last.
+
+The grouping is timm's own (``model.group_matcher(coarse=True)``, the grouping timm uses for layer-wise
+learning-rate decay); the classifier (``model.get_classifier()``) is always split out as the last group, so
+"head" means exactly the layer a new task replaces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models._manipulate import group_parameters
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One group of parameters and the modules that own them."""
+
+    name: str
+    kind: str  # "stem", "stage" or "head"
+    params: tuple[str, ...]
+    modules: tuple[str, ...]  # outermost modules wholly inside this group, in model order
+
+    @property
+    def size(self) -> int:
+        return len(self.params)
+
+
+def stages(model: torch.nn.Module) -> list[Stage]:
+    """Ordered groups of ``model``: stem, the stages from input to output, then the classifier head."""
+    names = [n for n, _ in model.named_parameters()]
+    head_params = _classifier_params(model)
+    if hasattr(model, "group_matcher"):
+        grouped = group_parameters(model, model.group_matcher(coarse=True))
+        groups = [[p for p in ps if p not in head_params] for _, ps in sorted(grouped.items())]
+    else:  # a plain torch module: one group per top-level child
+        groups = _by_top_level(names, head_params)
+    groups = [g for g in groups if g]
+    if head_params:
+        groups.append([p for p in names if p in head_params])
+    owner = {p: i for i, g in enumerate(groups) for p in g}
+    modules = _outer_modules(model, owner, len(groups))
+    out = []
+    for i, g in enumerate(groups):
+        kind = "head" if head_params and i == len(groups) - 1 else ("stem" if i == 0 else "stage")
+        name = kind if kind != "stage" else _label(g, modules[i])
+        out.append(Stage(name=name, kind=kind, params=tuple(g), modules=tuple(modules[i])))
+    return out
+
+
+def _classifier_params(model: torch.nn.Module) -> set[str]:
+    """Parameter names of the module timm calls the classifier (empty if there is none)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if get else None
+    if not isinstance(head, torch.nn.Module):
+        return set()
+    for name, mod in model.named_modules():
+        if mod is head:
+            return {f"{name}.{p}" if name else p for p, _ in mod.named_parameters()}
+    return set()
+
+
+def _by_top_level(names: list[str], head: set[str]) -> list[list[str]]:
+    order: dict[str, list[str]] = {}
+    for n in names:
+        if n not in head:
+            order.setdefault(n.split(".")[0], []).append(n)
+    return list(order.values())
+
+
+def _outer_modules(model: torch.nn.Module, owner: dict[str, int], n: int) -> list[list[str]]:
+    """For each group, the outermost modules whose parameters all belong to it (parameter-free modules
+    such as activations and DropPath follow their parent)."""
+    group_of: dict[str, int | None] = {}
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        ids = {owner[f"{name}.{p}"] for p, _ in mod.named_parameters() if f"{name}.{p}" in owner}
+        if len(ids) == 1:
+            group_of[name] = ids.pop()
+        elif not ids:
+            group_of[name] = group_of.get(name.rpartition(".")[0])
+        else:
+            group_of[name] = None
+    out: list[list[str]] = [[] for _ in range(n)]
+    for name, g in group_of.items():
+        parent = name.rpartition(".")[0]
+        if g is not None and (not parent or group_of.get(parent) != g):
+            out[g].append(name)
+    return out
+
+
+def _label(params: list[str], modules: list[str]) -> str:
+    """A readable name for a group: its outer modules (``blocks.3``, ``layer2``), or their common prefix."""
+    if 0 < len(modules) <= 3:
+        return "+".join(modules)
+    split = [p.split(".")[:-1] for p in params]
+    common = []
+    for bits in zip(*split):
+        if len(set(bits)) > 1:
+            break
+        common.append(bits[0])
+    if common:
+        return ".".join(common)
+    parts: list[str] = []
+    for bits in split:
+        key = ".".join(bits[:2]) if len(bits) > 1 and bits[1].isdigit() else (bits[0] if bits else "")
+        if key and key not in parts:
+            parts.append(key)
+    return "+".join(parts[:3]) + ("+..." if len(parts) > 3 else "")

@@ -1,0 +1,206 @@
+"""``fit``: from an image folder (or CSV) and a recipe to a trained model in a new run folder."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from . import augment, freeze
+from .backbone import create_backbone
+from .data import scan, split
+from .datamodule import ImageDataModule
+from .freeze import Plan
+from .images import dataset_percentiles
+from .module import Classifier, FreezeSchedule
+from .preprocess import Pipeline, Preprocess
+from .recipe import Recipe, load_recipe
+from .run import AtomicCheckpointIO, Run, RunError
+
+log = logging.getLogger("finetune")
+
+
+def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None) -> tuple[pd.DataFrame, list[str], Any]:
+    """Scan the data, split it when no validation set is given; returns (items with split, classes, scan)."""
+    t = recipe.train
+    sc = scan(data, csv=csv, channels=augment.read_channels(recipe), strict=t.strict,
+              allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction)
+    items = sc.items.copy()
+    if not (items["split"] == "val").any():
+        train = items[items["split"].isin(["train", ""])].assign(split="")
+        rest = items[~items.index.isin(train.index)]
+        groups = None
+        if t.split_groups:
+            import re
+            pattern = re.compile(t.split_groups)
+            groups = train["path"].map(lambda p: (m.group(0) if (m := pattern.search(Path(p).name)) else Path(p).name))
+        items = pd.concat([split(train, t.val_fraction, seed=t.seed, groups=groups), rest], ignore_index=True)
+    items["split"] = items["split"].replace("", "train")
+    return items, list(sc.classes), sc
+
+
+def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: int,
+              images: Iterable[torch.Tensor] | None = None) -> Plan:
+    """The freeze plan the recipe asks for: automatic (declared or measured domain), full, probe or fixed depth."""
+    f, t = recipe.freeze, recipe.train
+    kw = dict(bn_fixed="frozen" if f.bn == "auto" else f.bn, bn_trained="train" if f.bn == "auto" else f.bn,
+              epochs=t.epochs, probe_epochs=f.probe_epochs)
+    sched = "none" if f.schedule == "auto" else f.schedule
+    if f.mode == "full":
+        return freeze.full(model, schedule=sched, **kw)
+    if f.mode == "probe":
+        return freeze.probe(model, **kw)
+    if f.mode == "fixed":
+        return freeze.fixed(model, f.depth, schedule=sched, **kw)
+    distance = f.domain if isinstance(f.domain, float) else None
+    domain = f.domain if isinstance(f.domain, str) and f.domain != "measure" else None
+    if f.domain == "measure":
+        if images is None:
+            raise ValueError("freeze.domain: measure needs images to measure the distance on")
+        from .domain import distance as measure
+        distance = measure(model, images).overall
+    return freeze.auto(model, n_train=n_train, n_classes=n_classes, domain=domain, distance=distance,
+                       epochs=t.epochs, batch_size=t.batch_size, bn=f.bn, schedule=f.schedule,
+                       probe_epochs=f.probe_epochs, lr_decay=f.lr_decay)
+
+
+def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = None, *, csv: str | Path | None = None,
+        out: str | Path = "runs", name: str | None = None, overrides: dict | list | None = None,
+        resume: str | Path | None = None, progress: bool = True,
+        callbacks: Iterable[pl.Callback] = ()) -> Run:
+    """Fine-tune a timm backbone on an image folder (one sub-folder per class) or a CSV of path,label[,split].
+
+    Writes a new run folder under ``out`` (never overwriting one) and returns it; ``resume=RUN`` continues a
+    stopped run from its last checkpoint, schedules included.
+    """
+    started = time.time()
+    if resume is not None:
+        run = Run.open(resume)
+        recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
+        pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
+        ckpt = run.checkpoint("last")
+        model = create_backbone(recipe_obj.backbone.name, len(classes), pretrained=False,
+                                in_chans=augment.model_channels(recipe_obj), drop_rate=recipe_obj.backbone.drop_rate)
+    else:
+        if data is None and csv is None:
+            raise ValueError("fit() needs data (an image folder) or csv= (a CSV of path,label), or resume=RUN")
+        recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if overrides:
+            recipe_obj = recipe_obj.override(overrides)
+        augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
+        items, classes, sc = prepare(data, recipe_obj, csv=csv)
+        if len(classes) < 2:
+            raise ValueError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
+                             f"a classifier needs at least two: one sub-folder per class")
+        b = recipe_obj.backbone
+        model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
+                                in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+        pre = _preprocess(recipe_obj, model, items)
+        stem = Path(str(data or csv)).resolve().name.replace(" ", "_") or "data"
+        run = Run.create(out, name, f"{stem}-{b.name}")
+        run.write_new("recipe.yaml", recipe_obj.to_yaml())
+        run.write_json("classes.json", classes)
+        items.to_csv(run.path / "items.csv", index=False)
+        sc.save_report(run.path)
+        n_train = int((items["split"] == "train").sum())
+        sample = None
+        if recipe_obj.freeze.domain == "measure":
+            sample = _sample_batches(items, classes, pre, recipe_obj.train.batch_size)
+        plan = make_plan(model, recipe_obj, n_train, len(classes), sample)
+        run.write_json("plan.json", plan.state_dict())
+        run.write_new("plan.txt", plan.explain() + "\n")
+        run.write_json("data.json", {"preprocess": pre.to_dict(),
+                                     "weights_source": getattr(model, "finetune_source", None)})
+        ckpt = None
+    t = recipe_obj.train
+    pl.seed_everything(t.seed, workers=True, verbose=False)
+    train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
+    dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
+                         train_transform=train_tf, eval_transform=pre.eval_transform(),
+                         intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
+                         seed=t.seed, balance=recipe_obj.loss.balance)
+    weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
+    module = Classifier(model, plan, recipe_obj, classes, class_weights=weights,
+                        extra={"preprocess": pre.to_dict()})
+    has_val = bool((items["split"] == "val").any())
+    best = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
+                           monitor="val_acc" if has_val else None, mode="max", save_top_k=1, save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=t.strategy, precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
+        callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best,
+                   LearningRateMonitor(logging_interval="epoch"), *callbacks],
+        logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(items) // max(1, t.batch_size))))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LightningModule.*has parameters that were not used.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+    if trainer.global_rank == 0:
+        _finish(run, trainer, best, started, resumed=resume is not None)
+    return run
+
+
+def _preprocess(recipe: Recipe, model: torch.nn.Module, items: pd.DataFrame) -> Preprocess:
+    im = recipe.image
+    config = augment.data_config(recipe, model)
+    stats = None
+    if im.intensity == "dataset":
+        train = items.loc[items["split"] == "train", "path"]
+        stats = dataset_percentiles(train, augment.read_channels(recipe), im.percentiles, max_pixels=im.max_pixels)
+    return Preprocess(channels=augment.read_channels(recipe), intensity=im.intensity, percentiles=im.percentiles,
+                      stats=stats, max_pixels=im.max_pixels, config=_plain(config),
+                      pipeline=augment.pipeline_to_dict(augment.build_transforms(recipe, config, train=False)))
+
+
+def _sample_batches(items: pd.DataFrame, classes: list[str], pre: Preprocess, batch_size: int,
+                    max_images: int = 128) -> list[torch.Tensor]:
+    """Training images through the evaluation pipeline, for measuring the distance to ImageNet."""
+    train = items[items["split"] == "train"].sample(frac=1.0, random_state=0).head(max_images)
+    tf = pre.eval_transform()
+    tensors = [pre.load(p, tf) for p in train["path"]]
+    return [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+
+
+def _precision(precision: str, accelerator: str) -> str:
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        log.warning("precision 16-mixed needs a GPU; using bf16-mixed on the CPU")
+        return "bf16-mixed"
+    return precision
+
+
+def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float, resumed: bool) -> None:
+    """Write the epoch table and the summary (replaced on resume: it describes the run as it now stands)."""
+    table = run.metrics()
+    if not table.empty:
+        from .run import atomic_write
+        atomic_write(run.path / "metrics.csv", table.to_csv(index=False))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "train_"))}
+    best_path = Path(best.best_model_path) if best.best_model_path else run.path / "checkpoints" / "last.ckpt"
+    previous = run.summary
+    summary = {
+        "run": str(run.path), "epochs": trainer.current_epoch, "best_checkpoint": str(best_path.relative_to(run.path)),
+        "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
+        "best_metric": best.monitor, "final_metrics": metrics,
+        "wall_time_s": round(previous.get("wall_time_s", 0.0) + time.time() - started, 1),
+        "attempts": previous.get("attempts", 0) + 1, "resumed": resumed,
+        "backbone": run.recipe.backbone.name, "classes": run.classes,
+        "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__},
+    }
+    run.write_json("summary.json", summary, replace=True)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

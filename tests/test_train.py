@@ -1,0 +1,82 @@
+"""End to end: a folder of real images (scikit-image textures) to a trained run, reloaded and predicted."""
+import json
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from finetune import fit
+from finetune.examples import texture_folder
+from finetune.predict import Predictor
+from finetune.recipe import list_recipes
+from finetune.run import Run, RunError
+
+FAST = ["train.epochs=2", "image.size=48", "train.batch_size=16", "train.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    return texture_folder(tmp_path_factory.mktemp("data") / "textures", patch=64, val_every=4)
+
+
+class Capture(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        self.start = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_fit_end(self, trainer, pl_module):
+        self.module = pl_module
+
+
+def _train_loss(model, predictor, paths, labels):
+    x = torch.stack([predictor.preprocess.load(p) for p in paths])
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model.eval()(x), torch.tensor(labels)).item()
+
+
+def test_fit_lowers_loss_writes_run_and_reloads_identically(textures, tmp_path):
+    cap = Capture()
+    run = fit(textures, "natural", out=tmp_path, name="r1", overrides=FAST, progress=False, callbacks=[cap])
+    for f in ["recipe.yaml", "classes.json", "items.csv", "plan.json", "plan.txt", "data.json", "summary.json",
+              "metrics.csv", "checkpoints/last.ckpt"]:
+        assert (run.path / f).exists(), f
+    assert run.classes == ["brick", "grass", "gravel"]
+    summary = run.summary
+    assert summary["final_metrics"]["val_acc"] > 0.5
+    # the checkpoint reloads to identical predictions
+    pred = Predictor.load(run.path, checkpoint="last")
+    items = run.items[run.items["split"] == "train"].head(24)
+    x = torch.stack([pred.preprocess.load(p) for p in items["path"]])
+    model = cap.module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pred.predict(x), model(x).softmax(-1), rtol=0, atol=0)
+    # and training lowered the loss on the training images
+    start = torch.nn.Module()
+    fresh = Predictor.load(run.path, checkpoint="last").model
+    fresh.load_state_dict(cap.start)
+    labels = [run.classes.index(c) for c in items["label"]]
+    assert _train_loss(model, pred, items["path"], labels) < _train_loss(fresh, pred, items["path"], labels)
+    del start
+    # predictions as a table
+    table = pred.predict_paths([textures / "val"], top_k=2)
+    assert list(table.columns) == ["path", "label_1", "prob_1", "label_2", "prob_2"]
+    assert (table["prob_1"] >= table["prob_2"]).all()
+    truth = table["path"].map(lambda p: p.split("/")[-2])
+    assert (truth == table["label_1"]).mean() > 0.5
+
+
+def test_existing_run_is_never_overwritten(textures, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="never overwritten"):
+        fit(textures, "natural", out=tmp_path, name="taken", overrides=FAST, progress=False)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("recipe", sorted(list_recipes()))
+def test_every_shipped_recipe_trains_a_few_steps(recipe, textures, tmp_path):
+    overrides = ["train.epochs=1", "image.size=32", "train.batch_size=32", "train.num_workers=0"]
+    run = fit(textures, recipe, out=tmp_path, name=recipe, overrides=overrides, progress=False)
+    assert run.summary["epochs"] == 1
+    assert (run.path / "checkpoints" / "last.ckpt").exists()
+    assert json.loads((run.path / "data.json").read_text())["preprocess"]["channels"] in (1, 3)
