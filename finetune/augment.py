@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import math
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 from finetune.recipe import Recipe, RecipeError  # noqa: E402
 
 __all__ = ["data_config", "model_channels", "read_channels", "build_transforms", "check_transforms",
-           "save_pipeline", "load_pipeline", "INTERPOLATIONS"]
+           "save_pipeline", "load_pipeline", "pipeline_to_dict", "pipeline_from_dict", "INTERPOLATIONS"]
 
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
@@ -122,14 +124,32 @@ def check_transforms(recipe: Recipe, source: str = "recipe") -> None:
             _trial(leaf, where, image, recipe, source)
 
 
+def pipeline_to_dict(compose: A.Compose) -> dict:
+    """A pipeline as plain JSON data (``A.to_dict``), to store in run folders, checkpoints and exports."""
+    return json.loads(json.dumps(A.to_dict(compose), default=_json_default))
+
+
+def pipeline_from_dict(data: dict) -> A.Compose:
+    """The pipeline ``pipeline_to_dict`` wrote (``A.from_dict``)."""
+    return A.from_dict(data)
+
+
 def save_pipeline(compose: A.Compose, path: str | Path) -> None:
-    """Write a pipeline as albumentations JSON (``A.to_dict``), to travel with a trained or exported model."""
-    A.save(compose, str(path), data_format="json")
+    """Write a pipeline as albumentations JSON, to travel with a trained or exported model."""
+    Path(path).write_text(json.dumps(pipeline_to_dict(compose), indent=1))
 
 
 def load_pipeline(path: str | Path) -> A.Compose:
-    """Read a pipeline written by ``save_pipeline`` (``A.from_dict``)."""
-    return A.load(str(path), data_format="json")
+    """Read a pipeline written by ``save_pipeline``."""
+    return pipeline_from_dict(json.loads(Path(path).read_text()))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot write {type(obj).__name__} {obj!r} into a pipeline file")
 
 
 def _interpolation(name: str, source: str) -> int:
@@ -155,20 +175,25 @@ def _make(spec: dict, where: str, source: str) -> Any:
         raise RecipeError(f"{source}: '{where}.name' = {name!r} is not an albumentations transform"
                           + (f"; did you mean '{lower[hint[0]]}'?" if hint else "")
                           + f" (albumentations {A.__version__}: see https://explore.albumentations.ai)")
+    params = [k for k, v in inspect.signature(cls.__init__).parameters.items()
+              if k != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+    for key in kwargs:
+        if key not in params:
+            hint = difflib.get_close_matches(str(key), params, n=1, cutoff=0.5)
+            raise RecipeError(f"{source}: '{where}' ({name}) has no argument '{key}'"
+                              + (f"; did you mean '{hint[0]}'?" if hint else "") + f" Valid: {', '.join(params)}")
     if issubclass(cls, A.BaseCompose):
         children = kwargs.get("transforms")
         if not isinstance(children, list) or not children:
             raise RecipeError(f"{source}: '{where}' ({name}) needs 'transforms': a list of transforms to pick from")
         kwargs["transforms"] = [_make(c, f"{where}.transforms[{j}]", source) for j, c in enumerate(children)]
-        params = inspect.signature(cls.__init__).parameters
-        bad = [k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.VAR_KEYWORD]
-        if bad:
-            raise RecipeError(f"{source}: '{where}' ({name}): unknown argument(s) {', '.join(bad)}; "
-                              f"valid: {', '.join(k for k in params if k not in ('self', 'kwargs'))}")
-    else:
-        kwargs["strict"] = True  # unknown arguments raise instead of warning
     try:
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs, strict=True)  # strict: a failed check raises instead of warning and using defaults
+        except TypeError as e:
+            if "'strict'" not in str(e):
+                raise
+            return cls(**kwargs)  # composes and transforms without a validation schema take no 'strict'
     except (TypeError, ValueError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
         raise RecipeError(f"{source}: '{where}' ({name}) has bad arguments: "
@@ -189,6 +214,7 @@ def _trial(t: Any, where: str, image: np.ndarray, recipe: Recipe, source: str) -
     try:
         out = t(image=image.copy())["image"]
     except Exception as e:  # noqa: BLE001  albumentations raises TypeError, ValueError or cv2.error here
+        e = " ".join(str(e).split()).rstrip(".")
         if c not in (1, 3):
             raise RecipeError(
                 f"{source}: '{where}' ({name}) does not work on {c}-channel images (image.channels="
@@ -203,13 +229,3 @@ def _trial(t: Any, where: str, image: np.ndarray, recipe: Recipe, source: str) -
     if out.dtype != np.float32:
         raise RecipeError(f"{source}: '{where}' ({name}) turns the float32 image into {out.dtype}; the pipeline "
                           f"works on float32 in [0, 1] so that 16-bit precision survives")
-
-
-def pipeline_to_dict(compose: A.Compose) -> dict:
-    """A pipeline as plain data (``A.to_dict``), to store in run folders, checkpoints and exports."""
-    return A.to_dict(compose)
-
-
-def pipeline_from_dict(data: dict) -> A.Compose:
-    """The inverse of :func:`pipeline_to_dict` (``A.from_dict``)."""
-    return A.from_dict(data)

@@ -293,7 +293,7 @@ def _csv_rows(csv: Path, root: Path) -> pd.DataFrame:
 
 
 def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tuple[pd.DataFrame, list]:
-    """Row-level problems found without opening files: bad CSV cells, duplicates, outside root, unknown labels."""
+    """Row-level problems found without opening files: bad CSV cells, outside root, duplicates, unknown labels."""
     bad, drop = [], np.zeros(len(rows), dtype=bool)
     lines = rows["_line"].to_numpy()
     where = [f" (line {n})" if n else "" for n in lines]
@@ -309,6 +309,12 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
             mark(i, f"bad row: empty label{where[i]}")
         elif name.lower() not in _SPLIT_NAMES:
             mark(i, f"bad row: split '{name}' is not train, val or test{where[i]}")
+    if not allow_outside:
+        real_root, real_dirs = os.path.realpath(root), {}
+        for i, path in enumerate(rows["path"]):
+            if not drop[i] and not _inside(path, real_root, real_dirs):
+                mark(i, f"outside data root: resolves to {os.path.realpath(path)}, not under {real_root} "
+                        f"(set allow_outside if intended)")
     key = pd.Series([os.path.normcase(p) for p in rows["path"]])
     for _, group in key[~drop & key.duplicated(keep=False).to_numpy()].groupby(key, sort=False):
         idx = group.index.to_numpy()
@@ -318,15 +324,10 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
             for i in idx[1:]:
                 mark(i, f"duplicate: same file as line {lines[first]}{where[i]}" if lines[first] else "duplicate")
         else:
-            found = ", ".join(f"{rows['label'].iat[i]}/{rows['split'].iat[i] or '-'}" for i in idx)
+            found = ", ".join(rows["label"].iat[i] + (f" ({rows['split'].iat[i]})" if rows["split"].iat[i] else "")
+                              for i in idx)
             for i in idx:
-                mark(i, f"conflicting labels: the file is listed as {found} (label/split){where[i]}")
-    if not allow_outside:
-        real_root, real_dirs = os.path.realpath(root), {}
-        for i, path in enumerate(rows["path"]):
-            if not drop[i] and not _inside(path, real_root, real_dirs):
-                mark(i, f"outside data root: resolves to {os.path.realpath(path)}, not under {real_root} "
-                        f"(set allow_outside if intended)")
+                mark(i, f"conflicting labels: listed as {found}{where[i]}")
     if labels is not None:
         known = set(labels)
         for i, label in enumerate(rows["label"]):
@@ -461,30 +462,38 @@ def _group_keys(pool: pd.DataFrame, groups) -> pd.Series:
     return keys.astype(str)
 
 
-def _grouped(pool: pd.DataFrame, keys: pd.Series, fraction: float, seed: int) -> list:
-    """Whole groups go to val, greedily in a seeded order, while that brings every class closer to its
-    target; train keeps at least one image of each class. A class all in one group cannot be validated."""
+def _grouped(pool: pd.DataFrame, keys: pd.Series, fraction: float, seed: int, tries: int = 32) -> list:
+    """Whole groups move in or out of val, in a seeded order, while that brings the classes closer to their
+    targets; the best of ``tries`` orders wins. Train keeps at least one image of each class; a class that lies in one
+    group only cannot be validated."""
     table = pd.crosstab(keys, pool["label"])  # groups x classes, both sorted
-    counts, n = table.to_numpy(), table.to_numpy().sum(axis=0)
+    counts = table.to_numpy()
+    n = counts.sum(axis=0)
     target = _n_val(n, fraction)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(table))
-    taken, val = np.zeros(len(table), dtype=bool), np.zeros(len(n), dtype=int)
 
-    def cost(v):
-        return (np.abs(target - v) / np.maximum(n, 1)).sum()
+    def cost(v):  # squared relative miss: one class far off costs more than several slightly off
+        return (((target - v) / np.maximum(n, 1)) ** 2).sum()
 
     def keeps_train(v):
         return bool(np.all((n - v >= 1) | (n == 0)))
 
-    for g in order:
-        new = val + counts[g]
-        if keeps_train(new) and cost(new) < cost(val):
-            taken[g], val = True, new
-    for c in np.flatnonzero((val == 0) & (target > 0)):  # still unvalidated: take its smallest fitting group
-        for g in sorted(np.flatnonzero((counts[:, c] > 0) & ~taken), key=lambda g: (counts[g].sum(), g)):
-            if keeps_train(val + counts[g]):
-                taken[g], val = True, val + counts[g]
-                break
-    chosen = set(table.index[taken])
+    best = None
+    for _ in range(tries):
+        taken, val = np.zeros(len(table), dtype=bool), np.zeros(len(n), dtype=int)
+        order, improved = rng.permutation(len(table)), True
+        while improved:  # hill-climb: move single groups in or out while that helps
+            improved = False
+            for g in order:
+                new = val - counts[g] if taken[g] else val + counts[g]
+                if keeps_train(new) and cost(new) < cost(val) - 1e-9:
+                    taken[g], val, improved = not taken[g], new, True
+        for c in np.flatnonzero((val == 0) & (target > 0)):  # still unvalidated: add its smallest fitting group
+            for g in sorted(np.flatnonzero((counts[:, c] > 0) & ~taken), key=lambda g: (counts[g].sum(), g)):
+                if keeps_train(val + counts[g]):
+                    taken[g], val = True, val + counts[g]
+                    break
+        if best is None or cost(val) < best[0]:
+            best = cost(val), taken
+    chosen = set(table.index[best[1]])
     return pool.index[keys.isin(chosen).to_numpy()].tolist()

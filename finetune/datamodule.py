@@ -90,8 +90,8 @@ class ImageDataModule(pl.LightningDataModule):
         base = self.dataset("train", train_transform=True)
         weights = None
         if self.balance == "sampler":
-            counts = base.items["label"].value_counts()
-            weights = (1.0 / base.items["label"].map(counts)).to_numpy()
+            labels = self._part("train")["label"]
+            weights = (1.0 / labels.map(labels.value_counts())).to_numpy()
         return self._loader(SeededDataset(base, self.train_transform), EpochSampler(len(base), self.seed, weights))
 
     def val_dataloader(self) -> DataLoader:

@@ -9,18 +9,17 @@ and the measured scores are in docs/distance.md; ``benchmarks/distance_table.py`
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .stages import stages
 
-__all__ = ["DistanceReport", "distance", "measure_folder", "prepare", "calibrate", "bn_layers", "NoBatchNormError",
+__all__ = ["DistanceReport", "DistanceMeter", "distance", "measure_folder", "folder_batches", "reference_model", "prepare", "calibrate", "bn_layers", "NoBatchNormError",
            "REFERENCE", "CALIBRATION", "DEFAULT_MAX_IMAGES"]
 
 #: The network the calibration was measured with; ``measure_folder`` uses it unless given another model.
@@ -113,6 +112,61 @@ def calibrate(raw: float, model_name: str = REFERENCE) -> float:
     return float(min(1.0, max(0.0, (raw - low) / (high - low))))
 
 
+class DistanceMeter:
+    """Streaming measurement: ``update`` with batches, ``report`` at any point (``distance`` in steps)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.bns = model, bn_layers(model)
+        if not self.bns:
+            raise NoBatchNormError(
+                f"distance needs a network with BatchNorm (its running statistics are ImageNet's); "
+                f"{type(model).__name__} has none. Measure with a BatchNorm backbone instead, e.g. "
+                f"finetune.backbone.create_backbone('{REFERENCE}', num_classes=0), or measure_folder(), which uses it")
+        self.moments = {n: _Moments() for n in self.bns}
+        self.n_images = 0
+        self._stages = stages(model)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Run one normalised batch through the model in eval mode, adding its BN inputs' statistics."""
+        hooks = [bn.register_forward_pre_hook(lambda mod, args, acc=self.moments[n]: acc.add(args[0]))
+                 for n, bn in self.bns.items()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                self.model(x.to(next(self.model.parameters()).device))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+        self.n_images += len(x)
+
+    def report(self) -> DistanceReport:
+        if self.n_images == 0:
+            raise ValueError("distance needs at least one image")
+        per_layer = {}
+        for n, bn in self.bns.items():
+            ref_var = bn.running_var.detach().double().cpu()
+            keep = ref_var > 0  # pruned channels hold variance exactly 0: nothing to compare
+            acc = self.moments[n]
+            if keep.any() and acc.n:
+                h = hellinger2(bn.running_mean.detach().double().cpu()[keep], ref_var[keep] + bn.eps,
+                               acc.mean[keep], acc.var[keep] + bn.eps)
+                per_layer[n] = float(h.mean())
+        if not per_layer:
+            raise ValueError("no BatchNorm channel with a running variance above 0: nothing to compare")
+        groups: dict[str, list[float]] = {}
+        for n, v in per_layer.items():
+            owner = [s.name for s in self._stages if any(n == m or n.startswith(m + ".") for m in s.modules)]
+            groups.setdefault(owner[0] if owner else "other", []).append(v)  # other: a BN without parameters
+        order = [s.name for s in self._stages] + ["other"]
+        per_stage = {k: sum(groups[k]) / len(groups[k]) for k in order if k in groups}
+        raw = sum(per_stage.values()) / len(per_stage)
+        name = _model_name(self.model)
+        return DistanceReport(overall=calibrate(raw, name), raw=raw, per_stage=per_stage, n_images=self.n_images,
+                              model=name, per_layer=per_layer)
+
+
 def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_size: int = 32,
              max_images: int | None = None) -> DistanceReport:
     """Distance of ``images`` to ImageNet as ``model``'s BatchNorm statistics see it.
@@ -120,53 +174,14 @@ def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_s
     ``images``: a normalised (N, C, H, W) tensor (see :func:`prepare`) or an iterable of such batches (a
     DataLoader's ``(x, y)`` batches too). The model runs in eval mode and is left in the mode it came in.
     """
-    bns = bn_layers(model)
-    if not bns:
-        raise NoBatchNormError(
-            f"distance needs a network with BatchNorm (its running statistics are ImageNet's); "
-            f"{type(model).__name__} has none. Measure with a BatchNorm backbone instead, e.g. "
-            f"finetune.backbone.create_backbone('{REFERENCE}', num_classes=0), or measure_folder(), which uses it")
-    moments = {n: _Moments() for n in bns}
-    hooks = [bn.register_forward_pre_hook(lambda mod, args, acc=moments[n]: acc.add(args[0]))
-             for n, bn in bns.items()]
-    was_training = model.training
-    device = next(model.parameters()).device
-    seen = 0
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for x in _batches(images, batch_size):
-                if max_images is not None:
-                    x = x[:max_images - seen]
-                if len(x) == 0:
-                    break
-                model(x.to(device))
-                seen += len(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("distance needs at least one image")
-    per_layer = {}
-    for n, bn in bns.items():
-        ref_var = bn.running_var.detach().double().cpu()
-        keep = ref_var > 0  # pruned channels hold variance exactly 0: nothing to compare
-        if not keep.any():
-            continue
-        acc, eps = moments[n], bn.eps
-        h = hellinger2(bn.running_mean.detach().double().cpu()[keep], ref_var[keep] + eps,
-                       acc.mean[keep], acc.var[keep] + eps)
-        per_layer[n] = float(h.mean())
-    per_stage = {}
-    for s in stages(model):
-        values = [v for n, v in per_layer.items() if any(n == m or n.startswith(m + ".") for m in s.modules)]
-        if values:
-            per_stage[s.name] = sum(values) / len(values)
-    raw = sum(per_stage.values()) / len(per_stage)
-    name = _model_name(model)
-    return DistanceReport(overall=calibrate(raw, name), raw=raw, per_stage=per_stage, n_images=seen, model=name,
-                          per_layer=per_layer)
+    meter = DistanceMeter(model)
+    for x in _batches(images, batch_size):
+        if max_images is not None:
+            x = x[:max_images - meter.n_images]
+        if len(x) == 0:
+            break
+        meter.update(x)
+    return meter.report()
 
 
 def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, size: int | None = None,
@@ -183,19 +198,58 @@ def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, size: int |
     return torch.stack([tf(image=_unit_rgb(a))["image"] for a in images])
 
 
-def measure_folder(root: str | Path, recipe=None, *, model: torch.nn.Module | None = None,
-                   max_images: int = DEFAULT_MAX_IMAGES, batch_size: int = 32, seed: int = 0) -> DistanceReport:
-    """Distance to ImageNet of the images under ``root`` (``finetune distance DATA``): a seeded random sample
-    of ``max_images``, read and transformed as training's eval pipeline does, measured with ``model`` (default:
-    the calibrated reference network, whatever the recipe trains)."""
-    from .data import ImageDataset, scan
-
+def measure_folder(root: str | Path | None, recipe=None, *, csv: str | Path | None = None,
+                   model: torch.nn.Module | None = None, max_images: int = DEFAULT_MAX_IMAGES, batch_size: int = 32,
+                   seed: int = 0) -> DistanceReport:
+    """Distance to ImageNet of a dataset (``finetune distance DATA``): a seeded random sample of ``max_images``
+    files, read and transformed as training's evaluation pipeline does (the recipe's ``image`` settings), measured
+    with ``model`` (default: the reference network the calibration was made with, whatever the recipe trains)."""
     if model is None:
-        from .backbone import create_backbone
+        model = reference_model(recipe)
+    return distance(model, folder_batches(root, model, recipe, csv=csv, max_images=max_images,
+                                          batch_size=batch_size, seed=seed))
 
-        model = create_backbone(REFERENCE, num_classes=0)
-    items = scan(root)
-    raise NotImplementedError(items)
+
+def reference_model(recipe=None) -> torch.nn.Module:
+    """The calibrated network (``REFERENCE``, ImageNet weights, no head), its stem adapted as ``recipe`` asks."""
+    from .augment import model_channels
+    from .backbone import create_backbone
+    from .recipe import Recipe
+
+    return create_backbone(REFERENCE, num_classes=0, in_chans=model_channels(recipe or Recipe()))
+
+
+def folder_batches(root: str | Path | None, model: torch.nn.Module, recipe=None, *, csv: str | Path | None = None,
+                   max_images: int = DEFAULT_MAX_IMAGES, batch_size: int = 32, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Normalised batches of a seeded random sample of a dataset's images (every class mixed in), as the
+    evaluation pipeline of ``recipe`` makes them for ``model``; files that fail to decode are left out."""
+    from . import augment
+    from .data import scan
+    from .images import ImageError, dataset_percentiles, read_image, to_unit_float
+    from .recipe import Recipe
+
+    recipe = recipe or Recipe()
+    im, channels = recipe.image, augment.read_channels(recipe)
+    paths = scan(root, csv=csv, channels=channels, decode=False, allow_outside=recipe.train.allow_outside,
+                 max_bad_fraction=recipe.train.max_bad_fraction).items["path"].tolist()
+    random.Random(seed).shuffle(paths)
+    paths = paths[:max_images]
+    stats = None
+    if im.intensity == "dataset":
+        stats = dataset_percentiles(paths, channels, im.percentiles, max_pixels=im.max_pixels)
+    tf = augment.build_transforms(recipe, augment.data_config(recipe, model), train=False)
+
+    def load(path: str) -> torch.Tensor | None:
+        try:
+            img = read_image(path, channels, max_pixels=im.max_pixels)
+        except ImageError:  # scan read headers only: a truncated file shows up here
+            return None
+        return tf(image=to_unit_float(img, im.intensity, im.percentiles, stats))["image"]
+
+    for i in range(0, len(paths), batch_size):
+        xs = [x for x in map(load, paths[i:i + batch_size]) if x is not None]
+        if xs:
+            yield torch.stack(xs)
 
 
 def _batches(images: torch.Tensor | Iterable, batch_size: int):

@@ -5,6 +5,7 @@ PNG, JPEG, BMP, WebP and GIF go through Pillow; TIFF through tifffile (16-bit, m
 """
 from __future__ import annotations
 
+import codecs
 import os
 import struct
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What a file's header says: size after EXIF rotation, channels as read natively (alpha included), dtype."""
+    """What a file's header says: size after EXIF rotation, native channels (alpha included, palette and CMYK
+    as RGB) and the stored dtype (read_image turns integer types other than uint8/uint16 into uint16 or float32)."""
 
     width: int
     height: int
@@ -201,7 +203,11 @@ def _not_image_reason(head: bytes) -> str:
         return "corrupt: cannot identify image file"
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
         return "not an image: an HTML page (a failed download?)"
-    if all(b >= 32 or b in b"\t\n\r" for b in head):
+    try:  # incremental: a character cut at the end of ``head`` is no reason to call it binary
+        text = codecs.getincrementaldecoder("utf-8")().decode(head).lstrip("\ufeff")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\n\r" for c in text):
         return "not an image: a text file"
     return "not an image: unknown format"
 
@@ -252,6 +258,9 @@ def _read_pil(f, path, head: bytes, max_pixels: int) -> tuple[np.ndarray, bool]:
 
 
 def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag from the header; PNG is skipped, as Pillow decodes it to find a late eXIf chunk."""
+    if im.format == "PNG":
+        return 1
     try:
         return int(im.getexif().get(0x0112, 1))
     except Exception:  # a broken EXIF block: read_image keeps such pixels as stored too
@@ -319,11 +328,12 @@ def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
             series, axes, _ = _tiff_layout(tf, path, max_pixels)
             try:
                 arrays = [s.asarray() for s in series]
-            except KeyError as e:  # a compression (LZW, JPEG, ...) that needs imagecodecs
-                if len(series) == 1 and axes in ("YX", "YXS"):
-                    f.seek(0)
+            except (KeyError, ValueError) as e:
+                if "imagecodecs" not in str(e):
+                    raise
+                if len(series) == 1 and axes in ("YX", "YXS"):  # LZW, JPEG...: Pillow decodes plain images
                     return _read_pil(f, path, _head(f, path), max_pixels)
-                raise ImageError(path, f"unsupported: {e.args[0]}: pip install imagecodecs") from None
+                raise ImageError(path, f"unsupported: {e}: pip install imagecodecs") from None
     except ImageError:
         raise
     except Exception as e:

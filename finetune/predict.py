@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 import torch
 
-from .data import IMAGE_SUFFIXES
+from .images import IMAGE_EXTENSIONS
 from .preprocess import Preprocess
 
 
@@ -78,7 +78,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
             out.append(p)

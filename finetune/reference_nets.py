@@ -58,8 +58,11 @@ def alexnet(num_classes: int = 1000) -> nn.Sequential:
 
 
 def reference_model(name: str) -> nn.Module:
-    """The reference net called ``name``: 'lenet5' or 'alexnet'."""
+    """The reference net called ``name`` ('lenet5' or 'alexnet'), tagged with its name and input size the way timm
+    tags its models (``pretrained_cfg``), so that size reports find both."""
     builders = {"lenet5": lenet5, "alexnet": alexnet}
     if name not in builders:
         raise ValueError(f"unknown reference model {name!r}; choose from {sorted(builders)}")
-    return builders[name]()
+    net = builders[name]()
+    net.pretrained_cfg = {"architecture": name, "input_size": REFERENCE_INPUT_SIZES[name]}  # as timm models carry
+    return net

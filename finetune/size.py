@@ -83,20 +83,19 @@ class SizeReport:
 def inspect_model(model: nn.Module | str, input_size: tuple[int, ...] | None = None) -> SizeReport:
     """Count units, weights, connections and training operations of ``model`` (a module, a reference net name
     'lenet5'/'alexnet', or a timm name built with pretrained=False) for one example of shape ``input_size``."""
-    name = model if isinstance(model, str) else type(model).__name__
     if isinstance(model, str):
         if model in REFERENCE_INPUT_SIZES:
             model = reference_model(model)
         else:
             import timm
             model = timm.create_model(model, pretrained=False)
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = REFERENCE_INPUT_SIZES.get(name, tuple(cfg.get("input_size", (3, 224, 224))))
-    rows = _probe(model, tuple(input_size))
+    cfg = getattr(model, "pretrained_cfg", None) or {}  # timm's, or the one reference_model sets
+    name = cfg.get("architecture", type(model).__name__)
+    input_size = tuple(input_size or cfg.get("input_size", (3, 224, 224)))
+    rows = _probe(model, input_size)
     layers = _assign_stages(model, _costs(rows))
     params = [(col, t.numel(), t.requires_grad) for r in rows for col, t in r["params"]]
-    return SizeReport(name, tuple(input_size), layers, _stage_table(layers), _totals(layers, params))
+    return SizeReport(name, input_size, layers, _stage_table(layers), _totals(layers, params))
 
 
 def _kind(mod: nn.Module) -> str | None:
@@ -208,13 +207,12 @@ def _assign_stages(model: nn.Module, layers: pd.DataFrame) -> pd.DataFrame:
         from finetune.stages import stages
 
         groups = stages(model)
-        by_param = {p.rpartition(".")[0] or p: i for i, s in enumerate(groups) for p in s.params}
-        by_param.update({p: i for i, s in enumerate(groups) for p in s.params})
+        by_param = {p: i for i, s in enumerate(groups) for p in s.params}
         by_module = [(m, i) for i, s in enumerate(groups) for m in s.modules]
         names = [s.name for s in groups]
         ids, prev = [], 0
         for n in layers["name"]:
-            i = by_param.get(n)
+            i = by_param.get(n, by_param.get(f"{n}.weight"))  # parameter rows by name, layers by their weight
             if i is None:  # parameter-free layer: the stage module containing it, else the stage before it
                 i = next((j for m, j in by_module if n == m or n.startswith(m + ".")), prev)
             ids.append(i)

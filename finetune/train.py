@@ -32,17 +32,7 @@ def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None =
     t = recipe.train
     sc = scan(data, csv=csv, channels=augment.read_channels(recipe), strict=t.strict,
               allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction)
-    items = sc.items.copy()
-    if not (items["split"] == "val").any():
-        train = items[items["split"].isin(["train", ""])].assign(split="")
-        rest = items[~items.index.isin(train.index)]
-        groups = None
-        if t.split_groups:
-            import re
-            pattern = re.compile(t.split_groups)
-            groups = train["path"].map(lambda p: (m.group(0) if (m := pattern.search(Path(p).name)) else Path(p).name))
-        items = pd.concat([split(train, t.val_fraction, seed=t.seed, groups=groups), rest], ignore_index=True)
-    items["split"] = items["split"].replace("", "train")
+    items = split(sc.items, t.val_fraction, seed=t.seed, groups=t.split_groups)
     return items, list(sc.classes), sc
 
 
@@ -131,11 +121,14 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                         extra={"preprocess": pre.to_dict()})
     has_val = bool((items["split"] == "val").any())
     best = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
-                           monitor="val_acc" if has_val else None, mode="max", save_top_k=1, save_last=True)
+                           monitor="val_acc" if has_val else None, mode="max", save_top_k=1)
+    # every epoch, whatever the score: a crash never costs more than the epoch in progress
+    last = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="last", save_top_k=1, monitor=None,
+                           enable_version_counter=False)
     trainer = pl.Trainer(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=t.strategy, precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
-        callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best,
+        callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best, last,
                    LearningRateMonitor(logging_interval="epoch"), *callbacks],
         logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,

