@@ -31,10 +31,12 @@ __all__ = ["data_config", "model_channels", "read_channels", "build_transforms",
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
 
-# The pipeline adds these itself, from augment.crop / eval_crop and image.mean / std.
-_OWNED = {"Normalize": "image.mean and image.std", "ToTensorV2": "the pipeline's last step",
-          "ToFloat": "the data module (intensity scaling)", "FromFloat": "nothing: it would drop 16-bit precision",
-          "Compose": "the pipeline itself"}
+_OWNED = {  # never listed in augment.transforms, and why
+    "Normalize": "the pipeline ends by normalising with image.mean and image.std",
+    "ToTensorV2": "the pipeline ends with it", "ToFloat": "images arrive as float32 in [0, 1] (image.intensity)",
+    "FromFloat": "it would squeeze the float32 image into 8 bits and lose 16-bit precision",
+    "Compose": "the pipeline is the Compose; group transforms with OneOf, SomeOf or Sequential",
+}
 _BASES = {"BasicTransform", "DualTransform", "ImageOnlyTransform", "Transform3D", "BaseCompose", "ReplayCompose",
           "MaxSizeTransform"}
 _TRANSFORMS: dict[str, type] = {
@@ -167,7 +169,7 @@ def _make(spec: dict, where: str, source: str) -> Any:
     kwargs = dict(spec)
     name = kwargs.pop("name")
     if name in _OWNED:
-        raise RecipeError(f"{source}: '{where}': {name} must not be listed; it comes from {_OWNED[name]}")
+        raise RecipeError(f"{source}: '{where}': {name} must not be listed: {_OWNED[name]}")
     cls = _TRANSFORMS.get(name)
     if cls is None:
         lower = {n.lower(): n for n in _TRANSFORMS if n not in _OWNED}

@@ -9,7 +9,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -123,10 +123,14 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     counted = sum(1 for p, r in bad if not _sidecar(p, r))
     total = len(good) + counted
     if counted and counted / total > max_bad_fraction:
-        raise DataError(_too_many_bad(bad, counted, total, root, max_bad_fraction))
+        held = [(p, r) for p, r in bad if not _sidecar(p, r)]
+        raise DataError(f"{counted} of {total} files under {root} are bad ({counted / total:.0%} > max_bad_fraction "
+                        f"{max_bad_fraction:g}): {_bad_summary(held, root)}\nFix or remove them, or raise "
+                        f"train.max_bad_fraction if skipping them is fine.")
     if not len(good):
-        raise DataError(f"no usable images under {root} ({len(bad)} bad files): expected one sub-folder per class "
-                        f"(root/<class>/image.png), train/ and val/ folders of such, or csv= with path,label[,split]")
+        raise DataError(f"no usable images under {root}: expected one sub-folder per class (root/<class>/image.png), "
+                        f"train/ and val/ folders of such, or csv= with path,label[,split]"
+                        + (f"; {len(bad)} bad files: {_bad_summary(bad, root)}" if bad else ""))
 
     good = _class_warnings(good, rows, min_per_class, labels, warnings)
     classes = sorted(set(labels)) if labels is not None else sorted(good["label"].unique())
@@ -391,12 +395,11 @@ def _sidecar(path: str, reason: str) -> bool:
     return reason.startswith("not an image") and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS
 
 
-def _too_many_bad(bad: list, counted: int, total: int, root: Path, max_bad_fraction: float) -> str:
-    kinds = pd.Series([r.split(":")[0] for p, r in bad if not _sidecar(p, r)]).value_counts()
-    examples = "\n".join(f"  {_rel(p, root)}: {r}" for p, r in bad[:5])
-    return (f"{counted} of {total} files under {root} are bad ({counted / total:.0%} > max_bad_fraction "
-            f"{max_bad_fraction:g}): " + ", ".join(f"{k} {v}" for k, v in kinds.items()) +
-            f"\n{examples}\nFix or remove them, or raise train.max_bad_fraction if skipping them is fine.")
+def _bad_summary(bad: list, root: Path) -> str:
+    """Counts per reason kind and the first few files, for an error raised before any report is written."""
+    kinds = pd.Series([r.split(":")[0] for _, r in bad]).value_counts()
+    examples = "".join(f"\n  {_rel(p, root)}: {r}" for p, r in bad[:5])
+    return ", ".join(f"{k} {v}" for k, v in kinds.items()) + examples + ("\n  ..." if len(bad) > 5 else "")
 
 
 def _class_warnings(good: pd.DataFrame, rows: pd.DataFrame, min_per_class: int, labels, warnings: list[str]):

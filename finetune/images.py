@@ -201,6 +201,9 @@ def _check_size(path, width: int, height: int, max_pixels: int, planes: int = 1)
 def _not_image_reason(head: bytes) -> str:
     if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "corrupt: cannot identify image file"
+    if head[4:8] == b"ftyp":  # HEIC, AVIF, MP4...
+        brand = head[8:12].decode("ascii", "replace").strip()
+        return f"not an image: unsupported format ({brand}); convert it to PNG or JPEG"
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
         return "not an image: an HTML page (a failed download?)"
     try:  # incremental: a character cut at the end of ``head`` is no reason to call it binary
@@ -332,7 +335,7 @@ def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
                 if "imagecodecs" not in str(e):
                     raise
                 if len(series) == 1 and axes in ("YX", "YXS"):  # LZW, JPEG...: Pillow decodes plain images
-                    return _read_pil(f, path, _head(f, path), max_pixels)
+                    return _read_pil(f, path, _head(f, path), max_pixels)[0], False  # TIFF alpha stays a channel
                 raise ImageError(path, f"unsupported: {e}: pip install imagecodecs") from None
     except ImageError:
         raise

@@ -27,7 +27,7 @@ class Predictor:
         path = Path(path)
         if (path / "export.json").is_file():
             from .export import ExportedPredictor
-            return ExportedPredictor.load(path)  # type: ignore[return-value]
+            return ExportedPredictor.load(path, device)
         from .run import Run, load_checkpoint
         ckpt_path = Run.open(path).checkpoint(checkpoint) if path.is_dir() else path
         return cls.from_checkpoint(load_checkpoint(ckpt_path), device)
@@ -59,18 +59,21 @@ class Predictor:
         """Top-k labels and probabilities for image files and folders (searched recursively)."""
         files = expand_paths(paths)
         k = max(1, min(top_k, len(self.classes)))
+        top = self.probabilities(files, tta, batch_size).topk(k, dim=-1)
         rows = []
-        for i in range(0, len(files), batch_size):
-            chunk = files[i:i + batch_size]
-            probs = self.predict(torch.stack([self.preprocess.load(f, self._transform) for f in chunk]), tta)
-            top = probs.topk(k, dim=-1)
-            for f, vals, idx in zip(chunk, top.values, top.indices):
-                row = {"path": str(f)}
-                for j in range(k):
-                    row[f"label_{j + 1}"] = self.classes[int(idx[j])]
-                    row[f"prob_{j + 1}"] = round(float(vals[j]), 6)
-                rows.append(row)
+        for f, vals, idx in zip(files, top.values, top.indices):
+            row = {"path": str(f)}
+            for j in range(k):
+                row[f"label_{j + 1}"] = self.classes[int(idx[j])]
+                row[f"prob_{j + 1}"] = round(float(vals[j]), 6)
+            rows.append(row)
         return pd.DataFrame(rows)
+
+    def probabilities(self, files: Sequence[str | Path], tta: bool = False, batch_size: int = 32) -> torch.Tensor:
+        """Class probabilities (N, classes) of image files, in their order, read and predicted in batches."""
+        out = [self.predict(torch.stack([self.preprocess.load(f, self._transform) for f in files[i:i + batch_size]]),
+                            tta) for i in range(0, len(files), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:

@@ -292,6 +292,8 @@ def test_text_named_jpg_is_not_an_image(tmp_path):
     assert reason(tmp_path / "a.jpg") == "not an image: a text file"
     assert reason(tmp_path / "b.jpg").startswith("not an image: an HTML page")
     assert reason(tmp_path / "c.jpg") == "not an image: unknown format"
+    (tmp_path / "d.heic").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0")
+    assert reason(tmp_path / "d.heic") == "not an image: unsupported format (heic); convert it to PNG or JPEG"
 
 
 def test_image_magic_with_garbage_is_corrupt(tmp_path):
@@ -363,7 +365,8 @@ def test_bomb_guard_catches_pillows_own_error(tmp_path):
 
 def test_bomb_guard_is_configurable(tmp_path):
     Image.fromarray(noise(10, 10)).save(tmp_path / "a.png")
-    assert reason(tmp_path / "a.png", max_pixels=99) == "too large: 10x10 > 99 pixels (raise image.max_pixels if you trust it)"
+    assert reason(tmp_path / "a.png", max_pixels=99) == (
+        "too large: 10x10 > 99 pixels (raise image.max_pixels if you trust it)")
     assert read_image(tmp_path / "a.png", max_pixels=100).shape == (10, 10, 3)
     tifffile.imwrite(tmp_path / "a.tif", noise(10, 10, 3, np.uint16).transpose(2, 0, 1), photometric="minisblack")
     assert reason(tmp_path / "a.tif", max_pixels=299).startswith("too large: 3 planes of 10x10")
