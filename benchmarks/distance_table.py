@@ -21,10 +21,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from finetune import domain  # noqa: E402
+from finetune.recipe import load_recipe  # noqa: E402
 
 SHARED = ("hymenoptera", "bccd_cells", "mitocheck_cells")
 #: The far anchor of the calibration and the calibrated score it gets (0 stays raw 0: ImageNet's own statistics).
 ANCHOR, ANCHOR_SCORE = "bccd_cells", 0.9
+#: The shared sets again, read as their domain's recipe reads them (what ``freeze.domain: measure`` sees).
+RECIPES = (("bccd_cells", "histology"), ("mitocheck_cells", "microscopy"), ("mitocheck_cells", "fluorescence"))
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
@@ -91,6 +94,12 @@ def main() -> None:
         r = domain.measure_folder(args.data_root / name, model=model, max_images=args.max_images)
         raws[name] = r.raw
         rows.append((f"{name} (shared)", r, time.perf_counter() - t))
+    for name, recipe_name in RECIPES:
+        t = time.perf_counter()
+        recipe = load_recipe(recipe_name)
+        r = domain.measure_folder(args.data_root / name, recipe, model=domain.reference_model(recipe),
+                                  max_images=args.max_images)
+        rows.append((f"{name}, read by the {recipe_name} recipe", r, time.perf_counter() - t))
     for name, arrays in package_sets(args.max_images).items():
         t = time.perf_counter()
         rows.append((name, domain.distance(model, domain.prepare(arrays, model)), time.perf_counter() - t))

@@ -26,8 +26,9 @@ COLUMNS = ["key", "command", "val_acc", "val_recall", "best_val_acc", "epochs", 
            "passes", "run"]
 #: key -> (arguments after `finetune train`, the bar on val_acc or None)
 CASES = {
-    # the defaults: no --recipe (natural-like defaults: 5 epochs, 224 px, tf_efficientnet_lite0, auto freeze plan)
-    "hymenoptera-defaults": ([str(DATASETS / "hymenoptera")], 0.90),
+    # the defaults (no --recipe: the natural recipe, 224 px, tf_efficientnet_lite0, the automatic freeze plan), with
+    # 5 epochs as the issue asks (natural.yaml itself now says 10)
+    "hymenoptera-defaults-5ep": ([str(DATASETS / "hymenoptera"), "--epochs", "5"], 0.90),
     # microscopy recipe; its own default is 30 epochs at 224 px (2804 training images: hours on 2 shared cores),
     # so 5 epochs at 128 px here (the crops are 19-338 px, median well under 128)
     "bccd-microscopy-5ep-128px": ([str(DATASETS / "bccd_cells"), "--recipe", "microscopy", "--epochs", "5",

@@ -2,10 +2,11 @@
 
 For each fixed depth (0 = full fine-tuning, n = linear probe) the plan from ``finetune.freeze.fixed`` is applied,
 the size report predicts the training add-multiplies per example (forward per connection, backward as in
-docs/size.md), and one SGD step is timed. Both are normalised to full fine-tuning; the ratio
-measured/predicted is 1 where connections explain the time.
+docs/size.md), and a training step is timed. Both are normalised to full fine-tuning; the ratio
+measured/predicted is 1 where connections explain the time. Prints a markdown table.
 
     HF_HUB_OFFLINE=1 python benchmarks/size_cost.py --model tf_efficientnet_lite0 --batch 16 --size 128
+    # on a shared CPU: --clock cpu --threads 1 (CPU time of this process, insensitive to other load)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from finetune.size import inspect_model  # noqa: E402
 
 def _step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
                clock=time.perf_counter) -> float:
-    """Fastest of ``steps`` timed training steps in seconds (forward, loss, backward, SGD update of the trainable parameters)."""
+    """Fastest of ``steps`` timed training steps, in seconds of ``clock``: forward, loss, backward, SGD update."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3)
     times = []
@@ -80,8 +81,9 @@ def markdown(rows: list[dict]) -> str:
            "ms/step | measured | measured/predicted |",
            "|---:|:---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['depth']} | {r['fixed']} | {r['trainable']:,} | {r['train'] / 1e6:,.1f} ({r['fwd'] / 1e6:,.1f}) "
-                   f"| {r['predicted']:.3f} | {r['ms']:.1f} | {r['measured']:.3f} | {r['ratio']:.2f} |")
+        out.append(f"| {r['depth']} | {r['fixed']} | {r['trainable']:,} | {r['train'] / 1e6:,.1f} "
+                   f"({r['fwd'] / 1e6:,.1f}) | {r['predicted']:.3f} | {r['ms']:.1f} | {r['measured']:.3f} "
+                   f"| {r['ratio']:.2f} |")
     return "\n".join(out)
 
 
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     rows = run(a.model, a.batch, a.size, a.steps, a.warmup, a.rounds, a.device, clock)
     print(f"{a.model}, pretrained=False, batch {a.batch}, {a.size}px, {a.device}, torch {torch.__version__}, "
-          f"{a.threads} threads, {a.clock} clock; fastest of {a.rounds} rounds x {a.steps} steps, each after {a.warmup} warm-up\n")
+          f"{a.threads} threads, {a.clock} clock; fastest of {a.rounds} rounds x {a.steps} steps, "
+          f"each after {a.warmup} warm-up\n")
     print(markdown(rows))
 
 

@@ -19,17 +19,21 @@ import torch
 
 from .stages import stages
 
-__all__ = ["DistanceReport", "DistanceMeter", "distance", "measure_folder", "folder_batches", "reference_model", "prepare", "calibrate", "bn_layers", "NoBatchNormError",
-           "REFERENCE", "CALIBRATION", "DEFAULT_MAX_IMAGES"]
+__all__ = ["DistanceReport", "DistanceMeter", "distance", "measure_folder", "folder_batches", "reference_model",
+           "prepare", "calibrate", "bn_layers", "NoBatchNormError", "REFERENCE", "CALIBRATION", "DEFAULT_MAX_IMAGES"]
 
 #: The network the calibration was measured with; ``measure_folder`` uses it unless given another model.
 REFERENCE = "tf_efficientnet_lite0"
-#: raw -> calibrated is ``clip((raw - low) / (high - low), 0, 1)``. Measured by benchmarks/distance_table.py with
-#: tf_efficientnet_lite0 (packaged ImageNet weights) at 224 px, 256 images a set (docs/distance.md): ``low`` puts
-#: hymenoptera (ImageNet's own ants and bees) at 0.1, ``high`` puts mitocheck_cells (widefield fluorescence) at 0.9.
-CALIBRATION = {"tf_efficientnet_lite0": (0.0, 1.0)}
-#: Images measured by default: the calibrated score moves by less than 0.02 from 256 to all images of a set.
+#: raw -> calibrated is ``clip((raw - low) / (high - low), 0, 1)``, measured by benchmarks/distance_table.py
+#: (docs/distance.md) with tf_efficientnet_lite0's packaged ImageNet weights, default recipe, 224 px, 256 images:
+#: ``low`` 0 is raw 0, ImageNet's own statistics; ``high`` puts bccd_cells (stained blood smears, the farthest
+#: shared set) at 0.9, leaving room above for farther data. Other networks have no calibration of their own
+#: and use these constants: their raw scores compare among themselves only.
+CALIBRATION = {"tf_efficientnet_lite0": (0.0, 0.2235)}
+#: Images measured by default (docs/distance.md: from 128 images on the score moves by about 0.01).
 DEFAULT_MAX_IMAGES = 256
+#: Below this many images the pooled statistics miss the between-image spread and the score reads too high.
+MIN_IMAGES = 32
 
 _BN = torch.nn.modules.batchnorm._BatchNorm
 
@@ -56,10 +60,17 @@ class DistanceReport:
         return rows + [{"stage": "overall", "raw": round(self.raw, 4), "calibrated": round(self.overall, 4)}]
 
     def to_string(self) -> str:
+        """The score with how to read it, then the raw score of every stage."""
         width = max([len(k) for k in self.per_stage] + [7])
-        lines = [f"distance to ImageNet: {self.overall:.2f} (0 = ImageNet-like photos, 1 = far; raw {self.raw:.4f}, "
-                 f"{self.n_images} images, measured with {self.model or 'the given model'})",
-                 f"{'stage':<{width}}  raw (squared Hellinger, BN statistics vs ImageNet's)"]
+        lines = [f"distance to ImageNet: {self.overall:.2f} (0 = ImageNet's statistics, natural photos about 0.1, "
+                 f"cell microscopy 0.8-0.9; raw {self.raw:.4f}, {self.n_images} images, {self.model or 'model'})"]
+        if self.model not in CALIBRATION:
+            lines.append(f"note: {self.model} has no calibration; scaled as {REFERENCE}, compare raw scores only "
+                         f"among measurements with {self.model}")
+        if self.n_images < MIN_IMAGES:
+            lines.append(f"note: {self.n_images} images read farther than the data set is; measure {MIN_IMAGES} "
+                         f"or more")
+        lines.append(f"{'stage':<{width}}  raw (squared Hellinger distance to the BN statistics, 0-1)")
         lines += [f"{k:<{width}}  {v:.4f}" for k, v in self.per_stage.items()]
         return "\n".join(lines)
 

@@ -36,6 +36,7 @@ class GroupPlan:
     train_from: int | None
     lr_mult: float
     bn: str = "train"
+    numel: int = 0  # number of weights in the group
 
     def trains_at(self, epoch: int) -> bool:
         return self.train_from is not None and epoch >= self.train_from
@@ -75,7 +76,7 @@ class Plan:
         return all(g.train_from is None and g.bn != "affine" for g in self.groups if g.kind != "head")
 
     def table(self) -> list[dict]:
-        return [{"group": g.name, "params": len(g.params), "trains_from_epoch": g.train_from,
+        return [{"group": g.name, "weights": g.numel, "trains_from_epoch": g.train_from,
                  "lr_mult": round(g.lr_mult, 4), "bn": g.bn} for g in self.groups]
 
     def explain(self) -> str:
@@ -83,15 +84,14 @@ class Plan:
         lines = [f"- {r}" for r in self.reasons]
         width = max(len(g.name) for g in self.groups)
         lines.append("")
-        lines.append(f"{'group':<{width}}  {'params':>6}  {'trains':<16}  {'lr':>6}  bn")
+        lines.append(f"{'group':<{width}}  {'weights':>10}  {'trains':<19}  {'lr':>7}  bn")
         for g in self.groups:
-            n = sum(1 for _ in g.params)
             when = "never (fixed)" if g.train_from is None else ("from the start" if g.train_from == 0
                                                                  else f"from epoch {g.train_from}")
             if g.train_from is None and g.bn == "affine":
                 when = "BN scale/shift only"
-            lr = "-" if g.train_from is None and g.bn != "affine" else f"{g.lr_mult:.3g}x"
-            lines.append(f"{g.name:<{width}}  {n:>6}  {when:<16}  {lr:>6}  {g.bn}")
+            lr = "-" if g.train_from is None and g.bn != "affine" else f"{g.lr_mult:.2g}x"
+            lines.append(f"{g.name:<{width}}  {g.numel:>10,}  {when:<19}  {lr:>7}  {g.bn}")
         return "\n".join(lines)
 
     # -- acting on a model ----------------------------------------------------------------------------
@@ -237,18 +237,21 @@ def make_plan(model: torch.nn.Module, depth: int, *, base_mult: float = 0.1, dec
     probe = probe_epochs if probe_epochs is not None else max(1, round(0.2 * epochs))
     if schedule == "lp-ft" and probe >= epochs:
         probe = max(0, epochs - 1)
+    numel = {n: p.numel() for n, p in model.named_parameters()}
     groups = []
     for i, s in enumerate(st):
+        size = sum(numel[p] for p in s.params)
         if s.kind == "head":
-            groups.append(GroupPlan(s.name, s.kind, s.params, s.modules, 0, 1.0, bn_trained))
+            groups.append(GroupPlan(s.name, s.kind, s.params, s.modules, 0, 1.0, bn_trained, size))
             continue
         back = len(body) - 1 - i  # 0 for the group next to the head
         if i < depth:
             mult = base_mult * decay ** back if bn_fixed == "affine" else 0.0
-            groups.append(GroupPlan(s.name, s.kind, s.params, s.modules, None, mult, bn_fixed))
+            groups.append(GroupPlan(s.name, s.kind, s.params, s.modules, None, mult, bn_fixed, size))
             continue
         start = {"none": 0, "lp-ft": probe, "gradual": back + 1}[schedule]
-        groups.append(GroupPlan(s.name, s.kind, s.params, s.modules, start, base_mult * decay ** back, bn_trained))
+        groups.append(GroupPlan(s.name, s.kind, s.params, s.modules, start, base_mult * decay ** back, bn_trained,
+                                size))
     return Plan(groups=groups, schedule=schedule, reasons=list(reasons), inputs=dict(inputs or {}))
 
 

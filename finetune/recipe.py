@@ -179,12 +179,10 @@ def from_dict(data: dict, source: str = "<dict>") -> Recipe:
 
 
 def load_recipe(name_or_path: str | Path | None = None, overrides: dict | list | None = None) -> Recipe:
-    """Load a shipped recipe by name (``natural``) or a YAML file by path, resolve ``extends``, apply overrides."""
-    if name_or_path is None:
-        recipe = Recipe()
-    else:
-        path = resolve_path(name_or_path)
-        recipe = from_dict(_load_tree(path, ()), str(path))
+    """Load a shipped recipe by name (``natural``, the default) or a YAML file by path, resolve ``extends``,
+    apply overrides."""
+    path = resolve_path(name_or_path or "natural")
+    recipe = from_dict(_load_tree(path, ()), str(path))
     return recipe.override(overrides) if overrides else recipe
 
 

@@ -50,12 +50,12 @@ class SizeReport:
         from matplotlib.figure import Figure
 
         df = self.layers.assign(parameters=self.layers[_PARAM_COLS].sum(axis=1))
-        order = self.stages["stage_name"].tolist()
+        order, labels = self.stages["stage"].tolist(), self.stages["stage_name"].tolist()
         fig = Figure(figsize=(max(10.0, 0.5 * len(order) * 3), 4.5), layout="constrained")
         FigureCanvasAgg(fig)
         colours = {CONV: "tab:blue", LINEAR: "tab:orange", POOL: "tab:green", NORM: "tab:purple", PARAM: "tab:gray"}
         for ax, col in zip(fig.subplots(1, 3), ["units", "parameters", "connections"]):
-            table = df.pivot_table(index="stage_name", columns="type", values=col, aggfunc="sum", fill_value=0)
+            table = df.pivot_table(index="stage", columns="type", values=col, aggfunc="sum", fill_value=0)
             table = table.reindex(order).fillna(0)
             table = table[[t for t in colours if t in table.columns and table[t].sum() > 0]]
             bottom = pd.Series(0.0, index=table.index)
@@ -63,9 +63,10 @@ class SizeReport:
                 ax.bar(range(len(order)), table[t], bottom=bottom, color=colours[t], label=t)
                 bottom += table[t]
             share = table.sum() / max(table.to_numpy().sum(), 1)
-            shares = ", ".join(f"{_SHORT[t]} {s:.0%}" for t, s in share.sort_values(ascending=False).items() if s >= 0.005)
+            shares = ", ".join(f"{_SHORT[t]} {v:.0%}" for t, v in share.sort_values(ascending=False).items()
+                               if v >= 0.005)
             ax.set_title(f"{col}\n{shares}", fontsize=9)
-            ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+            ax.set_xticks(range(len(order)), labels, rotation=60, ha="right", fontsize=8)
             if log:
                 ax.set_yscale("log")
             else:

@@ -178,9 +178,10 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
         atomic_write(run.path / "metrics.csv", table.to_csv(index=False))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "train_"))}
     best_path = Path(best.best_model_path) if best.best_model_path else run.path / "checkpoints" / "last.ckpt"
+    best_path = best_path.resolve().relative_to(run.path.resolve())  # Lightning's paths are absolute, --out may not be
     previous = run.summary
     summary = {
-        "run": str(run.path), "epochs": trainer.current_epoch, "best_checkpoint": str(best_path.relative_to(run.path)),
+        "run": str(run.path), "epochs": trainer.current_epoch, "best_checkpoint": str(best_path),
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "best_metric": best.monitor, "final_metrics": metrics,
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + time.time() - started, 1),

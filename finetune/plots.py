@@ -1,0 +1,318 @@
+"""Pictures of a run and of an evaluation, as matplotlib Figures on the Agg canvas (no pyplot, no global state).
+
+Every function returns a :class:`~matplotlib.figure.Figure`; :func:`save` writes it as PNG, :func:`png_bytes`
+gives the bytes (the HTML report inlines them).
+"""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["figure", "save", "png_bytes", "read_logs", "curves", "class_counts", "per_class", "confusion",
+           "reliability_bins", "reliability", "image_grid", "freeze_grid"]
+
+SPLIT_COLORS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868", "eval": "#8172b3", "": "#937860"}
+METRIC_COLORS = {"precision": "#4c72b0", "recall": "#c44e52", "f1": "#8c8c8c"}
+DPI = 100
+
+
+def figure(width: float, height: float) -> Figure:
+    """A new Figure with its own Agg canvas and constrained layout."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=DPI, facecolor="white")
+    return path
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
+    return buf.getvalue()
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+def read_logs(run_path: str | Path) -> pd.DataFrame:
+    """Every row of a run's Lightning CSV logs (all resumed attempts, in order); the learning-rate rows, logged
+    at an epoch's start without an epoch number, get the epoch they start."""
+    files = sorted(Path(run_path).glob("logs/version_*/metrics.csv"),
+                   key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    if not files:
+        return pd.DataFrame()
+    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    if "epoch" in df:
+        df["epoch"] = df["epoch"].bfill()
+    return df
+
+
+def lr_columns(log: pd.DataFrame) -> dict[str, str]:
+    """Learning-rate columns of LearningRateMonitor (``lr-AdamW/<group>``) by group name."""
+    return {c.split("/", 1)[-1] if "/" in c else c[3:]: c for c in log.columns if c.startswith("lr-")}
+
+
+def curves(log: pd.DataFrame) -> Figure:
+    """Loss, accuracy and the learning rate of every param group, per epoch (x: epochs done)."""
+    fig = figure(13, 3.8)
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    if log.empty or "epoch" not in log:
+        for ax in (ax_loss, ax_acc, ax_lr):
+            ax.text(0.5, 0.5, "no training log", ha="center", va="center", transform=ax.transAxes)
+        return fig
+
+    def per_epoch(col: str) -> pd.Series:
+        s = log[["epoch", col]].dropna().groupby("epoch")[col].last()
+        s.index = s.index.astype(int) + 1
+        return s
+
+    for col, label, style in [("train_loss_epoch", "train", "-"), ("val_loss", "val", "-")]:
+        if col in log and log[col].notna().any():
+            s = per_epoch(col)
+            ax_loss.plot(s.index, s.values, style, marker="o", label=label,
+                         color=SPLIT_COLORS["train" if label == "train" else "val"])
+    ax_loss.set(title="loss", xlabel="epochs done")
+    for col, label, color in [("train_acc", "train accuracy", SPLIT_COLORS["train"]),
+                              ("val_acc", "val accuracy", SPLIT_COLORS["val"]),
+                              ("val_recall", "val balanced accuracy (mean recall)", "#c44e52")]:
+        if col in log and log[col].notna().any():
+            s = per_epoch(col)
+            ax_acc.plot(s.index, s.values, marker="o", label=label, color=color,
+                        linestyle="--" if col == "val_recall" else "-")
+    if "val_acc" in log and log["val_acc"].notna().any():
+        s = per_epoch("val_acc")
+        ax_acc.axvline(int(s.idxmax()), color="0.6", linestyle=":", label=f"best val accuracy (epoch {s.idxmax()})")
+    ax_acc.set(title="accuracy", xlabel="epochs done", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.lines:
+            ax.legend(fontsize=8)
+
+    groups = lr_columns(log)
+    fixed = []
+    for name, col in groups.items():
+        s = log[["epoch", col]].dropna().groupby("epoch")[col].first()
+        if s.empty:
+            continue
+        if (s == 0).all():
+            fixed.append(name)
+            continue
+        x = np.append(s.index.to_numpy(dtype=float), s.index.max() + 1)
+        ax_lr.step(x, np.append(s.values, s.values[-1]), where="post", label=name, linewidth=1.5)
+    ax_lr.set(title="learning rate per param group", xlabel="epoch", ylabel="lr")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.xaxis.get_major_locator().set_params(integer=True)
+    if ax_lr.lines:
+        ax_lr.legend(fontsize=7, ncols=1 + len(ax_lr.lines) // 6)
+    if fixed:
+        ax_lr.text(0.02, 0.98, _wrap("fixed (lr 0 throughout): " + ", ".join(fixed), 48), transform=ax_lr.transAxes,
+                   va="top", fontsize=7, color="0.35")
+    elif not groups:
+        ax_lr.text(0.5, 0.5, "no learning-rate columns in the log", ha="center", va="center",
+                   transform=ax_lr.transAxes)
+    return fig
+
+
+# -- data and per-class results ----------------------------------------------------------------------------------
+
+def class_counts(items: pd.DataFrame, classes: Sequence[str]) -> Figure:
+    """Images per class in each split, so imbalance is visible at a glance."""
+    splits = [s for s in ("train", "val", "test", "") if s in set(items["split"])]
+    table = pd.crosstab(items["label"], items["split"]).reindex(index=list(classes), columns=splits, fill_value=0)
+    fig = figure(8, 0.9 + 0.55 * len(classes) * max(1, len(splits)) ** 0.5)
+    ax = fig.subplots()
+    h = 0.8 / len(splits)
+    y = np.arange(len(classes))
+    for i, s in enumerate(splits):
+        vals = table[s].to_numpy()
+        bars = ax.barh(y - 0.4 + h * (i + 0.5), vals, height=h, color=SPLIT_COLORS.get(s, "0.5"),
+                       label=s or "unsplit")
+        ax.bar_label(bars, labels=[f"{v} ({v / max(1, vals.sum()):.0%})" for v in vals], fontsize=8, padding=2)
+    ax.set_yticks(y, list(classes))
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    ax.set_xlim(0, table.to_numpy().max() * 1.25 + 1)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Images per class and split{_imbalance_note(table[splits[0]])}", fontsize=11)
+    return fig
+
+
+def _imbalance_note(counts: pd.Series) -> str:
+    nonzero = counts[counts > 0]
+    if len(nonzero) < 2:
+        return ""
+    ratio = nonzero.max() / nonzero.min()
+    return f" — {counts.name or 'all'}: largest/smallest class = {ratio:.1f}x" if ratio >= 1.5 else " — balanced"
+
+
+def per_class(table: pd.DataFrame) -> Figure:
+    """Left: training and evaluation images per class; right: precision, recall and F1 of each class on the
+    same rows, so a rare class's short bar on the left lines up with its result on the right."""
+    classes = table["class"].tolist()
+    fig = figure(12, 1.2 + 0.7 * len(classes))
+    ax_n, ax_m = fig.subplots(1, 2, sharey=True, width_ratios=[1, 1.5])
+    y = np.arange(len(classes))
+    for i, (col, label) in enumerate([("n_train", "train"), ("support", "evaluated")]):
+        if col not in table:
+            continue
+        bars = ax_n.barh(y - 0.2 + 0.4 * i, table[col], height=0.4, label=label,
+                         color=SPLIT_COLORS["train" if col == "n_train" else "eval"])
+        ax_n.bar_label(bars, fontsize=8, padding=2)
+    ax_n.set_xlim(0, max(1, table[[c for c in ("n_train", "support") if c in table]].to_numpy().max()) * 1.25)
+    ax_n.set(title="images per class", xlabel="images")
+    ax_n.legend(fontsize=8, loc="lower right")
+    ax_n.set_yticks(y, classes)
+    ax_n.invert_yaxis()
+    for i, m in enumerate(("precision", "recall", "f1")):
+        bars = ax_m.barh(y - 0.27 + 0.27 * i, table[m], height=0.27, color=METRIC_COLORS[m],
+                         label={"f1": "F1", "recall": "recall (share of the class found)",
+                                "precision": "precision (share of its predictions right)"}[m])
+        ax_m.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    ax_m.set(title="results per class", xlim=(0, 1.18), xlabel="score")
+    ax_m.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    for ax in (ax_n, ax_m):
+        ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def confusion(cm: np.ndarray, classes: Sequence[str]) -> Figure:
+    """Counts, coloured by share of each true class (rows sum to 100%), so a rare class's errors show as
+    strongly as a common one's."""
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    n = len(classes)
+    side = min(14, 3.2 + 0.9 * n)
+    fig = figure(side + 1.5, side)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                        fontsize=9 if n <= 10 else 6, color="white" if share[i, j] > 0.55 else "black")
+    ax.set_xticks(range(n), list(classes), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), [f"{c} (n={int(r)})" for c, r in zip(classes, rows[:, 0])])
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix: count and share of the true class")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class (row)")
+    return fig
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """Equal-width confidence bins (torchmetrics' binning): count, mean confidence and accuracy of each; the
+    expected calibration error is ``sum(count * |accuracy - confidence|) / total``."""
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(idx, confidence, minlength=n_bins) / count
+        acc = np.bincount(idx, correct, minlength=n_bins) / count
+    return pd.DataFrame({"low": edges[:-1], "high": edges[1:], "count": count, "confidence": conf, "accuracy": acc})
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10, ece: float | None = None) -> Figure:
+    """Reliability diagram: accuracy against confidence per bin (on the diagonal = calibrated), and how many
+    predictions fall in each bin."""
+    bins = reliability_bins(confidence, correct, n_bins)
+    if ece is None:
+        ece = float(np.nansum(bins["count"] * (bins["accuracy"] - bins["confidence"]).abs()) / max(1, bins["count"].sum()))
+    fig = figure(6.5, 6.5)
+    ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    width = 1 / n_bins
+    mid = (bins["low"] + bins["high"]) / 2
+    have = bins["count"] > 0
+    ax.bar(mid[have], bins["accuracy"][have], width=width * 0.95, color="#4c72b0", label="accuracy in the bin")
+    gap_low = np.minimum(bins["accuracy"], bins["confidence"])[have]
+    ax.bar(mid[have], (bins["accuracy"] - bins["confidence"]).abs()[have], bottom=gap_low, width=width * 0.95,
+           color="none", edgecolor="#c44e52", hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="0.4", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
+           title=f"Reliability: expected calibration error {ece:.3f} ({n_bins} bins)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    bars = ax_n.bar(mid, bins["count"], width=width * 0.95, color="0.55")
+    ax_n.bar_label(bars, labels=[str(c) if c else "" for c in bins["count"]], fontsize=7, padding=1)
+    ax_n.set(xlabel="confidence (probability of the predicted class)", ylabel="predictions",
+             ylim=(0, max(1, bins["count"].max()) * 1.3))
+    return fig
+
+
+# -- images ------------------------------------------------------------------------------------------------------
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 4,
+               title: str = "", empty: str = "no images") -> Figure:
+    """Images (HxWxC float in [0, 1]; 1 channel gray, 3 RGB, others their first channel) with a title each."""
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = max(1, -(-n // cols))
+    fig = figure(2.6 * cols + 0.4, 2.9 * rows + 0.5)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if not n:
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=12)
+        return fig
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, img, t in zip(axes, images, titles):
+        img = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+        if img.ndim == 3 and img.shape[-1] == 3:
+            ax.imshow(img)
+        else:
+            ax.imshow(img if img.ndim == 2 else img[..., 0], cmap="gray", vmin=0, vmax=1)
+        ax.set_title(t, fontsize=9, color="#a00000")
+    return fig
+
+
+# -- freeze policies ---------------------------------------------------------------------------------------------
+
+def freeze_grid(results: pd.DataFrame, metric: str = "val_acc") -> Figure:
+    """Score against fixed depth (0 = full fine-tuning ... all groups = linear probe), one panel per dataset and
+    one line per training-set size; automatic plans are stars at the depth they chose (a dashed line where the
+    depth is not recorded). Takes benchmarks/results/freeze_grid.csv (``plan``/``fixed_depth`` columns) or a
+    table with a ``depth`` column of ints and 'auto'."""
+    df = results.copy()
+    if "plan" not in df:
+        df["plan"] = [("auto" if str(d) == "auto" else f"fixed{int(d)}") for d in df["depth"]]
+    if "fixed_depth" not in df:
+        df["fixed_depth"] = pd.to_numeric(df.get("depth"), errors="coerce")
+    df["fixed_depth"] = pd.to_numeric(df["fixed_depth"], errors="coerce")
+    datasets = list(dict.fromkeys(df["dataset"]))
+    fig = figure(4.6 * max(1, len(datasets)), 4.2)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(datasets)), squeeze=False)).ravel()
+    for ax, name in zip(axes, datasets):
+        d = df[df["dataset"] == name]
+        for i, (per, g) in enumerate(d.groupby("per_class", sort=True)):
+            color = f"C{i}"
+            fixed = g[g["plan"].astype(str).str.startswith("fixed")].sort_values("fixed_depth")
+            ax.plot(fixed["fixed_depth"], fixed[metric], marker="o", color=color, label=f"{per} a class: fixed depth")
+            for _, row in g[g["plan"].astype(str).str.startswith("auto")].iterrows():
+                if np.isfinite(row["fixed_depth"]):
+                    ax.plot(row["fixed_depth"], row[metric], marker="*", markersize=16, color=color,
+                            markeredgecolor="black", linestyle="none", label=f"{per} a class: {row['plan']}")
+                else:
+                    ax.axhline(row[metric], color=color, linestyle="--", label=f"{per} a class: {row['plan']}")
+        ax.set(title=str(name), xlabel="fixed leading groups (0 = full fine-tuning)", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
