@@ -64,12 +64,12 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], *, read_channels: int,
                  train_transform: Callable, eval_transform: Callable, intensity: Callable | None,
                  batch_size: int = 32, num_workers: int | str = "auto", seed: int = 0,
-                 balance: str = "none"):
+                 balance: str = "none", max_pixels: int = 89_478_485):
         super().__init__()
         self.items, self.class_to_idx = items.reset_index(drop=True), class_to_idx
         self.read_channels, self.intensity = read_channels, intensity
         self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.batch_size, self.seed, self.balance = batch_size, seed, balance
+        self.batch_size, self.seed, self.balance, self.max_pixels = batch_size, seed, balance, max_pixels
         self.num_workers = default_workers() if num_workers == "auto" else int(num_workers)
 
     def _part(self, split: str) -> pd.DataFrame:
@@ -78,7 +78,7 @@ class ImageDataModule(pl.LightningDataModule):
     def dataset(self, split: str, train_transform: bool = False) -> ImageDataset:
         return ImageDataset(self._part(split), self.class_to_idx, channels=self.read_channels,
                             transform=self.train_transform if train_transform else self.eval_transform,
-                            intensity=self.intensity)
+                            intensity=self.intensity, max_pixels=self.max_pixels)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
         workers = self.num_workers

@@ -137,7 +137,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         "wrong.png": plots.image_grid(images, titles, title=f"Most confidently wrong: {len(images)} of the "
                                       f"{n_wrong_all} mistakes on {len(items)} images ({name}, {split})",
                                       empty=f"no mistakes on the {len(items)} images"),
-        "curves.png": plots.curves(plots.read_logs(run.path)),
+        "curves.png": plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups]),
         "class_counts.png": plots.class_counts(run.items, classes),
     }
     for fname, fig in figures.items():

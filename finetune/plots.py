@@ -62,8 +62,9 @@ def lr_columns(log: pd.DataFrame) -> dict[str, str]:
     return {c.split("/", 1)[-1] if "/" in c else c[3:]: c for c in log.columns if c.startswith("lr-")}
 
 
-def curves(log: pd.DataFrame) -> Figure:
-    """Loss, accuracy and the learning rate of every param group, per epoch (x: epochs done)."""
+def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
+    """Loss and accuracy at the end of each epoch, and each param group's learning rate during it, on one
+    x axis (epochs done); ``groups`` orders the param groups (default: as logged)."""
     fig = figure(13, 3.8)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     if log.empty or "epoch" not in log:
@@ -93,15 +94,20 @@ def curves(log: pd.DataFrame) -> Figure:
         s = per_epoch("val_acc")
         ax_acc.axvline(int(s.idxmax()), color="0.6", linestyle=":", label=f"best val accuracy (epoch {s.idxmax()})")
     ax_acc.set(title="accuracy", xlabel="epochs done", ylim=(0, 1.02))
+    n_epochs = int(log["epoch"].max()) + 1
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlim(-0.05, n_epochs + 0.05)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.lines:
             ax.legend(fontsize=8)
 
-    groups = lr_columns(log)
+    cols = lr_columns(log)
+    order = [g for g in (groups or []) if g in cols] + [g for g in cols if g not in (groups or [])]
     fixed = []
-    for name, col in groups.items():
+    for name in order:
+        col = cols[name]
         s = log[["epoch", col]].dropna().groupby("epoch")[col].first()
         if s.empty:
             continue
@@ -109,16 +115,17 @@ def curves(log: pd.DataFrame) -> Figure:
             fixed.append(name)
             continue
         x = np.append(s.index.to_numpy(dtype=float), s.index.max() + 1)
-        ax_lr.step(x, np.append(s.values, s.values[-1]), where="post", label=name, linewidth=1.5)
-    ax_lr.set(title="learning rate per param group", xlabel="epoch", ylabel="lr")
-    ax_lr.grid(alpha=0.3)
-    ax_lr.xaxis.get_major_locator().set_params(integer=True)
+        y = np.append(s.values, s.values[-1]).astype(float)
+        ax_lr.step(x, np.where(y > 0, y, np.nan), where="post", label=name, linewidth=1.5)
+    ax_lr.set(title="learning rate of each param group (log; gap = fixed)", xlabel="epochs done", ylabel="lr")
     if ax_lr.lines:
-        ax_lr.legend(fontsize=7, ncols=1 + len(ax_lr.lines) // 6)
+        ax_lr.set_yscale("log")
+        ax_lr.legend(fontsize=7, ncols=1 + len(ax_lr.lines) // 6, loc="lower right")
+    ax_lr.grid(alpha=0.3)
     if fixed:
         ax_lr.text(0.02, 0.98, _wrap("fixed (lr 0 throughout): " + ", ".join(fixed), 48), transform=ax_lr.transAxes,
                    va="top", fontsize=7, color="0.35")
-    elif not groups:
+    elif not cols:
         ax_lr.text(0.5, 0.5, "no learning-rate columns in the log", ha="center", va="center",
                    transform=ax_lr.transAxes)
     return fig

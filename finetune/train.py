@@ -31,7 +31,8 @@ def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None =
     """Scan the data, split it when no validation set is given; returns (items with split, classes, scan)."""
     t = recipe.train
     sc = scan(data, csv=csv, channels=augment.read_channels(recipe), strict=t.strict,
-              allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction)
+              allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction,
+              max_pixels=recipe.image.max_pixels)
     items = split(sc.items, t.val_fraction, seed=t.seed, groups=t.split_groups)
     return items, list(sc.classes), sc
 
@@ -115,7 +116,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
                          train_transform=train_tf, eval_transform=pre.eval_transform(),
                          intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
-                         seed=t.seed, balance=recipe_obj.loss.balance)
+                         seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels)
     weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
     module = Classifier(model, plan, recipe_obj, classes, class_weights=weights,
                         extra={"preprocess": pre.to_dict()})

@@ -1,0 +1,244 @@
+"""A run as one self-contained HTML page: results at a glance (class imbalance and its effect first), the
+evaluation's pictures, training curves, data, freeze plan and recipe; every picture inline (base64 PNG), no
+scripts and no links, so the file can be mailed or archived and opens in any browser.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .evaluate import PICTURES, Evaluation
+from .run import Run
+
+__all__ = ["write_report", "render", "latest_evaluation", "notes"]
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f6f4}
+main{max-width:1240px;margin:0 auto;padding:20px 28px 60px;background:#fff}
+h1{font-size:26px;margin:8px 0 2px}h2{font-size:20px;margin:34px 0 10px;border-bottom:2px solid #ddd;padding-bottom:4px}
+h3{font-size:16px;margin:20px 0 6px}.sub{color:#666;margin:0 0 14px}
+.tiles{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
+.tile{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:150px;background:#fafafa}
+.tile b{display:block;font-size:24px}.tile span{color:#666;font-size:13px}.tile.bad{border-color:#c44e52;background:#fdf1f1}
+ul.notes li{margin:4px 0}.warn{color:#a00000}
+figure{margin:14px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:13px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}
+table{border-collapse:collapse;font-size:14px;margin:8px 0}
+th,td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}
+td.bar{position:relative;min-width:120px}td.bar div{position:absolute;left:0;top:3px;bottom:3px;opacity:.35}
+td.bar span{position:relative}
+pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:12.5px;line-height:1.35}
+details summary{cursor:pointer;font-weight:600;margin:8px 0}
+"""
+
+
+def write_report(run: str | Path | Run, evaluation: Evaluation | str | Path | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Write the report of ``run`` (with ``evaluation``, default its newest ``eval-*`` folder) to ``out``
+    (default ``RUN/report.html``, numbered if it exists; an existing ``out`` is never overwritten)."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    if evaluation is None:
+        evaluation = latest_evaluation(run)
+    elif not isinstance(evaluation, Evaluation):
+        evaluation = Evaluation.load(evaluation)
+    if out is None:
+        out = _free_name(run.path / "report.html")
+    out = Path(out)
+    with open(out, "x", encoding="utf-8") as f:
+        f.write(render(run, evaluation))
+    return out
+
+
+def latest_evaluation(run: Run) -> Evaluation | None:
+    """The newest evaluation folder of the run, if any."""
+    found = sorted(run.path.glob("eval-*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    return Evaluation.load(found[-1].parent) if found else None
+
+
+def render(run: Run, evaluation: Evaluation | None = None) -> str:
+    """The report as an HTML string."""
+    ev = evaluation
+    s, recipe, classes, items = run.summary, run.recipe, run.classes, run.items
+    title = f"{run.path.name}: {recipe.backbone.name} on {len(classes)} classes"
+    sub = [f"recipe '{recipe.name}'", f"{s.get('epochs', '?')} epochs", f"{len(items)} images"]
+    if s.get("best_score") is not None:
+        sub.append(f"best {s.get('best_metric')} {s['best_score']:.3f}")
+    if s.get("wall_time_s") is not None:
+        sub.append(f"{s['wall_time_s']:.0f} s training")
+    parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>"]
+
+    parts.append("<h2>At a glance</h2>")
+    if ev is not None:
+        parts.append(_tiles(ev))
+    parts.append("<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes(run, ev)) + "</ul>")
+    if ev is not None:
+        parts.append(_picture(ev, "per_class.png"))
+        parts.append("<h3>Per class</h3>" + _per_class_table(ev.per_class))
+
+        parts.append(f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({ev.metrics['n']} images)</h2>")
+        parts.append(f"<p class=sub>checkpoint {_e(ev.checkpoint)}; files in {_e(str(ev.folder))}</p>")
+        parts.append("<div class=pair>" + _picture(ev, "confusion.png") + _picture(ev, "calibration.png") + "</div>")
+        parts.append(_picture(ev, "wrong.png"))
+    else:
+        parts.append("<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) +
+                     "</code> adds per-class results, the confusion matrix, calibration and the worst mistakes.</p>")
+
+    parts.append("<h2>Data</h2>")
+    parts.append(_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)))
+    counts = pd.crosstab(items["label"], items["split"]).reindex(index=classes, fill_value=0)
+    counts = counts[[c for c in ("train", "val", "test", "") if c in counts.columns]]
+    counts["total"] = counts.sum(axis=1)
+    counts.loc["total"] = counts.sum(axis=0)
+    parts.append(_table(counts.rename_axis("class").reset_index()))
+    parts.append(_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"))
+
+    parts.append("<h2>Training</h2>")
+    parts.append(_picture(ev, "curves.png", lambda: plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups])))
+    parts.append(_epoch_table(run))
+
+    parts.append("<h2>Freeze plan</h2><p>What stayed fixed, what trained at which rate, and why:</p>")
+    parts.append(f"<pre>{_e(_read(run.path / 'plan.txt'))}</pre>")
+    parts.append("<h2>Configuration</h2>")
+    parts.append(_text_file(run.path / "recipe.yaml", "recipe.yaml (the resolved recipe)", open_=True))
+    parts.append(f"<p class=sub>report written {time.strftime('%Y-%m-%d %H:%M')}</p>")
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+            f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
+            f"<body><main>\n" + "\n".join(parts) + "\n</main></body></html>\n")
+
+
+def notes(run: Run, ev: Evaluation | None) -> list[str]:
+    """Plain sentences (HTML) on class imbalance, what it did to the result, the worst class and calibration."""
+    out = []
+    train = run.items[run.items["split"] == "train"]["label"].value_counts().reindex(run.classes, fill_value=0)
+    if len(train) >= 2 and train.min() >= 0 and train.max() > 0:
+        hi, lo = train.idxmax(), train.idxmin()
+        ratio = train[hi] / max(1, train[lo])
+        if ratio >= 1.5:
+            out.append(f"<b class=warn>Imbalanced training data:</b> {_e(hi)} has {train[hi]} images, {_e(lo)} "
+                       f"{train[lo]} ({ratio:.1f}x fewer). Loss balancing in this run: "
+                       f"<code>loss.balance: {_e(run.recipe.loss.balance)}</code>.")
+        else:
+            out.append(f"Training classes are balanced ({train.min()} to {train.max()} images a class).")
+    if ev is None:
+        return out
+    m, t = ev.metrics, ev.per_class
+    gap = m["accuracy"] - m["balanced_accuracy"]
+    out.append(f"Accuracy {m['accuracy']:.3f}; always answering <b>{_e(m['majority_class'])}</b> would score "
+               f"{m['majority_accuracy']:.3f}. Balanced accuracy (mean recall over classes) is "
+               f"{m['balanced_accuracy']:.3f}" + (f": {gap:.3f} lower, so the common classes carry the accuracy."
+                                                   if gap > 0.03 else "."))
+    present = t[t["support"] > 0]
+    if len(present):
+        worst = present.loc[present["recall"].idxmin()]
+        row = ev.classes.index(worst["class"])
+        errs = ev.confusion[row].copy()
+        errs[row] = 0
+        where = ""
+        if errs.sum():
+            j = int(np.argmax(errs))
+            where = f"; most of its misses ({errs[j]} of {errs.sum()}) are called {_e(ev.classes[j])}"
+        out.append(f"Weakest class: <b>{_e(worst['class'])}</b>, {worst['recall']:.0%} of its {worst['support']} "
+                   f"images found (recall), {worst['precision']:.0%} of the images called {_e(worst['class'])} "
+                   f"right (precision){where}.")
+    ece = m["ece"]
+    out.append(f"Calibration error (ECE) {ece:.3f}: " + ("confidences match how often the model is right."
+                                                         if ece < 0.05 else
+                                                         "the stated confidence is off by this much on average; "
+                                                         "see the reliability diagram."))
+    return out
+
+
+def _tiles(ev: Evaluation) -> str:
+    m, t = ev.metrics, ev.per_class
+    present = t[t["support"] > 0]
+    worst = present.loc[present["recall"].idxmin()] if len(present) else None
+    tiles = [(f"{m['accuracy']:.3f}", "accuracy", False),
+             (f"{m['majority_accuracy']:.3f}", f"always '{m['majority_class']}'", False),
+             (f"{m['balanced_accuracy']:.3f}", "balanced accuracy", m["accuracy"] - m["balanced_accuracy"] > 0.03)]
+    if worst is not None:
+        tiles.append((f"{worst['recall']:.3f}", f"recall of {worst['class']} (weakest)", worst["recall"] < 0.7))
+    tiles += [(f"{m['macro_f1']:.3f}", "macro F1", False), (f"{m['top1_error']:.3f}", "top-1 error", False)]
+    if m.get("top5_error") is not None:
+        tiles.append((f"{m['top5_error']:.3f}", "top-5 error", False))
+    tiles.append((f"{m['ece']:.3f}", "calibration error (ECE)", m["ece"] >= 0.1))
+    return "<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{_e(v)}</b><span>{_e(k)}"
+                                         f"</span></div>" for v, k, bad in tiles) + "</div>"
+
+
+def _per_class_table(t: pd.DataFrame) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("class", "train images", "evaluated", "predicted as", "precision",
+                                              "recall", "F1"))
+    rows = []
+    for _, r in t.iterrows():
+        cells = [f"<td>{_e(r['class'])}</td>", f"<td>{r.get('n_train', '')}</td>", f"<td>{r['support']}</td>",
+                 f"<td>{r['predicted']}</td>"]
+        for k in ("precision", "recall", "f1"):
+            v = float(r[k])
+            color = f"hsl({120 * v:.0f},65%,45%)"
+            cells.append(f"<td class=bar><div style='width:{100 * v:.0f}%;background:{color}'></div>"
+                         f"<span>{v:.3f}</span></td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _epoch_table(run: Run) -> str:
+    df = run.metrics()
+    if df.empty:
+        return "<p>No training log.</p>"
+    keep = [c for c in ("epoch", "train_loss_epoch", "train_acc", "val_loss", "val_acc", "val_recall", "val_top5")
+            if c in df]
+    df = df[keep].rename(columns={"train_loss_epoch": "train_loss", "val_recall": "val_balanced_acc"})
+    df["epoch"] = df["epoch"].astype(int)
+    return _table(df, floats="{:.4f}")
+
+
+def _picture(ev: Evaluation | None, name: str, make=None) -> str:
+    """An evaluation's picture file inline, or one made now by ``make`` when there is no such file."""
+    path = ev.pictures.get(name) if ev is not None else None
+    if path is not None and Path(path).is_file():
+        data = Path(path).read_bytes()
+    elif make is not None:
+        data = plots.png_bytes(make())
+    else:
+        return ""
+    b64 = base64.b64encode(data).decode("ascii")
+    caption = PICTURES.get(name, name)
+    return (f"<figure><img src='data:image/png;base64,{b64}' alt='{_e(caption)}'>"
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    head = "".join(f"<th>{_e(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_e(floats.format(v) if isinstance(v, float) else str(v))}</td>"
+                                    for v in row) + "</tr>" for row in df.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _text_file(path: Path, title: str, open_: bool = False) -> str:
+    if not path.is_file():
+        return ""
+    return f"<details{' open' if open_ else ''}><summary>{_e(title)}</summary><pre>{_e(_read(path))}</pre></details>"
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else f"({path.name} is missing)"
+
+
+def _free_name(path: Path) -> Path:
+    for i in range(1, 10_000):
+        p = path if i == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        if not p.exists():
+            return p
+    raise FileExistsError(f"no free file name for {path}")
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
