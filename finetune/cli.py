@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="which split of DATA to use when it has train/val/test (default: "
                                                   "test if present, else val, else all)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--batch-size", type=int, default=64)
 
     p = sub.add_parser("predict", help="predict labels of images with a run or an export")
     p.add_argument("run", help="a run folder or an exported model folder")
@@ -178,8 +180,10 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    result = evaluate(args.run, args.data, csv=args.csv, split=args.split, checkpoint=args.checkpoint)
+    result = evaluate(args.run, args.data, csv=args.csv, split=args.split, checkpoint=args.checkpoint,
+                      tta=args.tta, batch_size=args.batch_size)
     print(result.to_string())
+    print(f"\nreport: {result.folder / 'report.html'}")
     return 0
 
 

@@ -133,6 +133,21 @@ class Plan:
                         mod.training = model.training
         setattr(model, _HANDLES, handles)
 
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Before wrapping for DDP: parameters that never train need no gradient, every other one does, so DDP
+        registers exactly the parameters the schedule may release (those still fixed then count as unused)."""
+        params = dict(model.named_parameters())
+        self._check(params)
+        for g in self.groups:
+            never = g.train_from is None and g.bn != "affine"
+            for name in g.params:
+                params[name].requires_grad_(not never)
+
+    @property
+    def releases_later(self) -> bool:
+        """Some group starts training after epoch 0 (LP-FT, gradual)."""
+        return any(g.train_from not in (None, 0) for g in self.groups)
+
     def adapt_bn(self, model: torch.nn.Module, batches: Iterable[torch.Tensor], max_batches: int = 50) -> int:
         """AdaBN: re-estimate the running statistics of the 'adapt' groups on target images, then fix them.
 

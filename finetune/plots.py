@@ -16,16 +16,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = ["figure", "save", "png_bytes", "read_logs", "curves", "class_counts", "per_class", "confusion",
-           "reliability_bins", "reliability", "image_grid", "freeze_grid"]
+           "reliability_bins", "reliability", "image_grid", "freeze_grid", "freeze_rule"]
 
 SPLIT_COLORS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868", "eval": "#8172b3", "": "#937860"}
 METRIC_COLORS = {"precision": "#4c72b0", "recall": "#c44e52", "f1": "#8c8c8c"}
 DPI = 100
 
 
-def figure(width: float, height: float) -> Figure:
-    """A new Figure with its own Agg canvas and constrained layout."""
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+def figure(width: float, height: float, layout: str = "constrained") -> Figure:
+    """A new Figure with its own Agg canvas ('compressed' layout suits fixed-aspect images)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -117,7 +117,7 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
         x = np.append(s.index.to_numpy(dtype=float), s.index.max() + 1)
         y = np.append(s.values, s.values[-1]).astype(float)
         ax_lr.step(x, np.where(y > 0, y, np.nan), where="post", label=name, linewidth=1.5)
-    ax_lr.set(title="learning rate of each param group (log; gap = fixed)", xlabel="epochs done", ylabel="lr")
+    ax_lr.set(title="learning rate per param group (log scale)", xlabel="epochs done", ylabel="lr")
     if ax_lr.lines:
         ax_lr.set_yscale("log")
         ax_lr.legend(fontsize=7, ncols=1 + len(ax_lr.lines) // 6, loc="lower right")
@@ -201,7 +201,7 @@ def confusion(cm: np.ndarray, classes: Sequence[str]) -> Figure:
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
     n = len(classes)
     side = min(14, 3.2 + 0.9 * n)
-    fig = figure(side + 1.5, side)
+    fig = figure(side + 1.5, side, layout="compressed")
     ax = fig.subplots()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
@@ -323,3 +323,27 @@ def freeze_grid(results: pd.DataFrame, metric: str = "val_acc") -> Figure:
 def _wrap(text: str, width: int) -> str:
     import textwrap
     return "\n".join(textwrap.wrap(text, width))
+
+
+def freeze_rule(points: pd.DataFrame | None = None, n_groups: int = 8) -> Figure:
+    """The automatic rule as a map: how many of ``n_groups`` backbone groups are fine-tuned for each (images a
+    class, distance to ImageNet); ``points`` (columns dataset, per_class, distance) are marked on it."""
+    from .freeze import trainable_share
+
+    per = np.logspace(0, 3.3, 160)
+    dist = np.linspace(0, 1, 101)
+    trained = np.array([[round(trainable_share(p, 1, d) * n_groups) for p in per] for d in dist])
+    fig = figure(7.5, 4.8)
+    ax = fig.subplots()
+    levels = np.arange(-0.5, n_groups + 1)
+    cs = ax.contourf(per, dist, trained, levels=levels, cmap="viridis")
+    fig.colorbar(cs, ax=ax, ticks=range(n_groups + 1), label=f"backbone groups fine-tuned (of {n_groups})")
+    ax.set_xscale("log")
+    ax.set(xlabel="training images a class", ylabel="distance to ImageNet (0 = ImageNet-like)",
+           title="The automatic freeze rule: share = data score x (0.5 + distance)")
+    if points is not None:
+        for _, r in points.iterrows():
+            ax.plot(r["per_class"], r["distance"], "o", color="white", markeredgecolor="black", markersize=8)
+            ax.annotate(str(r["dataset"]), (r["per_class"], r["distance"]), textcoords="offset points",
+                        xytext=(6, 6), color="white", fontsize=9, fontweight="bold")
+    return fig

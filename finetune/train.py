@@ -111,6 +111,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                                      "weights_source": getattr(model, "finetune_source", None)})
         ckpt = None
     t = recipe_obj.train
+    plan.prepare(model)
     pl.seed_everything(t.seed, workers=True, verbose=False)
     train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
     dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
@@ -128,7 +129,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                            enable_version_counter=False)
     trainer = pl.Trainer(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
+        strategy=_strategy(t.strategy, plan), precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
         callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best, last,
                    LearningRateMonitor(logging_interval="epoch"), *callbacks],
         logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
@@ -162,6 +163,13 @@ def _sample_batches(items: pd.DataFrame, classes: list[str], pre: Preprocess, ba
     tf = pre.eval_transform()
     tensors = [pre.load(p, tf) for p in train["path"]]
     return [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+
+
+def _strategy(name: str, plan: Plan) -> str:
+    """DDP must tolerate parameters without gradients while the schedule still holds them fixed."""
+    from pytorch_lightning.strategies import StrategyRegistry
+    unused = f"{name}_find_unused_parameters_true"
+    return unused if plan.releases_later and unused in StrategyRegistry else name
 
 
 def _precision(precision: str, accelerator: str) -> str:

@@ -205,3 +205,12 @@ def test_auto_extremes(lite0):
     assert full.fixed_depth == 0 and full.schedule == "lp-ft"
     with pytest.raises(ValueError, match="domain"):
         freeze.auto(lite0, n_train=10, n_classes=2, domain="xray")
+
+
+def test_prepare_leaves_exactly_the_releasable_parameters_to_ddp(lite0):
+    model = copy.deepcopy(lite0)
+    plan = freeze.make_plan(model, 5, schedule="lp-ft", epochs=4, probe_epochs=1)
+    assert plan.releases_later and not freeze.make_plan(model, 5).releases_later
+    plan.prepare(model)
+    needs = [any(dict(model.named_parameters())[p].requires_grad for p in g.params) for g in plan.groups]
+    assert needs == [False] * 5 + [True] * 4
