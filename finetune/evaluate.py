@@ -188,7 +188,8 @@ def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | 
 
 def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str], n_bins: int = 10) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """torchmetrics on probabilities (N, C) and true indices (N,): the headline numbers, the per-class table
-    (class, support, predicted, precision, recall, f1) and the confusion matrix (rows: true, columns: predicted)."""
+    (class, support, predicted, precision, recall, f1) and the confusion matrix (rows: true, columns: predicted).
+    A class with no images gets precision/recall 0 in the table and is left out of the balanced accuracy."""
     c = len(classes)
     top1 = float(MulticlassAccuracy(c, top_k=1, average="micro")(probs, target))
     top5 = float(MulticlassAccuracy(c, top_k=5, average="micro")(probs, target)) if c > 5 else None
@@ -203,7 +204,9 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str], n_bins:
     majority = int(support.argmax())
     metrics = {
         "n": int(len(target)), "top1_error": 1 - top1, "top5_error": None if top5 is None else 1 - top5,
-        "accuracy": top1, "balanced_accuracy": float(MulticlassRecall(c, average="macro")(probs, target)),
+        # mean recall over the classes present (sklearn's balanced accuracy); torchmetrics' macro recall also
+        # averages in a 0 for a class that is absent but predicted
+        "accuracy": top1, "balanced_accuracy": float(table.loc[support > 0, "recall"].mean()),
         "macro_f1": float(MulticlassF1Score(c, average="macro")(probs, target)),
         "ece": float(MulticlassCalibrationError(c, n_bins=n_bins, norm="l1")(probs, target)), "n_bins": n_bins,
         "majority_class": classes[majority], "majority_accuracy": float(support[majority] / max(1, support.sum())),

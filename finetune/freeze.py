@@ -18,9 +18,11 @@ from .stages import Stage, stages
 
 BN_MODES = ("train", "frozen", "adapt", "affine")
 SCHEDULES = ("none", "lp-ft", "gradual")
-#: Declared domains and the distance to ImageNet each stands for (measured values: docs/freeze.md).
-DOMAINS = {"natural": 0.15, "histology": 0.55, "microscopy": 0.7, "fluorescence": 0.85}
-ADAPT_FROM = 0.4  # distance from which fixed stages re-estimate BN statistics (AdaBN)
+#: Declared domains and the distance to ImageNet each stands for, as finetune.domain measures it (docs/distance.md):
+#: hymenoptera, scikit-image's ihc tiles, bccd_cells and mitocheck_cells with tf_efficientnet_lite0.
+DOMAINS = {"natural": 0.07, "histology": 0.25, "microscopy": 0.9, "fluorescence": 0.81}
+ADAPT_FROM = 0.4  # distance from which a domain counts as far (the trade-off note)
+RETRAIN_BN_FROM = 0.6  # trainable share from which trained groups re-estimate BN statistics (train mode)
 _BN = (torch.nn.modules.batchnorm._BatchNorm,)
 _HANDLES = "_finetune_hold_handles"
 
@@ -276,6 +278,12 @@ def data_score(n_train: int, n_classes: int) -> float:
     return min(1.0, max(0.0, math.log10(per_class) / 3))
 
 
+def bn_policy(share: float, batch_size: int = 32) -> tuple[str, str]:
+    """BN modes (fixed groups, trained groups): ImageNet's statistics everywhere, except trained groups of a
+    plan that moves most of the network (share >= RETRAIN_BN_FROM) with batches of 16 or more."""
+    return "frozen", ("train" if share >= RETRAIN_BN_FROM and batch_size >= 16 else "frozen")
+
+
 def trainable_share(n_train: int, n_classes: int, distance: float) -> float:
     """Share of backbone groups to fine-tune: data score times (0.5 + distance), capped at 1.
 
@@ -315,8 +323,7 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
     depth = len(body) - k
     base = 0.1 + 0.3 * d
     decay = lr_decay if lr_decay is not None else 0.6 + 0.3 * d
-    bn_fixed = ("adapt" if d >= ADAPT_FROM else "frozen") if bn == "auto" else bn
-    bn_trained = ("train" if batch_size >= 8 else "frozen") if bn == "auto" else bn
+    bn_fixed, bn_trained = bn_policy(share, batch_size) if bn == "auto" else (bn, bn)
     sched = ("lp-ft" if k > 0 and epochs >= 3 else "none") if schedule == "auto" else schedule
     far = "far from" if d >= 0.6 else ("between natural photos and" if d >= ADAPT_FROM else "close to")
     reasons = [
@@ -330,11 +337,20 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
     ]
     if depth:
         fixed = ", ".join(g.name for g in body[:depth])
+        how = {"adapt": "their BatchNorm statistics are re-estimated on your images, then fixed (AdaBN)",
+               "train": "their BatchNorm statistics follow your batches",
+               "affine": "only their BatchNorm scale and shift train"}.get(bn_fixed, "their BatchNorm statistics "
+                                                                         "stay ImageNet's")
+        reasons.append(f"fixed: {fixed}; {how}.")
+    if k and bn == "auto":
         reasons.append(
-            f"fixed: {fixed}; " + ("their BatchNorm statistics are re-estimated on your images, then fixed (AdaBN): "
-                                   f"at distance {d:.2f} >= {ADAPT_FROM} ImageNet's statistics misdescribe them."
-                                   if bn_fixed == "adapt" else
-                                   f"their BatchNorm statistics stay ImageNet's (bn: {bn_fixed})."))
+            f"BatchNorm in the trained groups: " + (
+                f"statistics re-estimated from your batches while they train (share {share:.2f} >= "
+                f"{RETRAIN_BN_FROM}: most of the network moves, with enough images to estimate them)."
+                if bn_trained == "train" else
+                f"ImageNet's statistics kept, scale and shift train (share {share:.2f} < {RETRAIN_BN_FROM}: with "
+                f"few images, re-estimated statistics are noisier than ImageNet's and would differ between "
+                f"training and evaluation)."))
     if k:
         reasons.append(
             f"trained backbone groups learn at {base:.2f}x the head's rate next to the head, x{decay:.2f} per group "
@@ -346,10 +362,11 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
                        "(LP-FT): a random head first would push noisy gradients into the pretrained features.")
     elif sched == "gradual":
         reasons.append("schedule: gradual unfreezing, one group per epoch from the head down.")
-    if k and d >= ADAPT_FROM and s < 0.5:
-        reasons.append("trade-off: the domain asks for more fine-tuning than the data can support; the share is "
-                       "capped by the data score, and re-estimating BN statistics (free of overfitting: no "
-                       "weights learn) does part of the adaptation instead.")
+    if d >= ADAPT_FROM and s < 0.5:
+        reasons.append("trade-off: the domain asks for more fine-tuning than the data can support; the data wins. "
+                       "The share is a product, so few examples cap it whatever the distance, and BatchNorm keeps "
+                       "ImageNet's statistics: re-estimating them from so few images cost accuracy in every "
+                       "measured case (docs/freeze.md).")
     inputs = {"n_train": n_train, "n_classes": n_classes, "distance": d, "distance_source": source,
               "data_score": s, "share": share, "epochs": epochs, "batch_size": batch_size}
     return make_plan(model, depth, base_mult=base, decay=decay, bn_fixed=bn_fixed, bn_trained=bn_trained,

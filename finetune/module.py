@@ -28,6 +28,7 @@ class FreezeSchedule(pl.Callback):
 
     def __init__(self, plan: Plan, adapt_loader: Any = None, attr: str = "model", seed: int | None = None):
         self.plan, self.adapt_loader, self.attr, self.seed = plan, adapt_loader, attr, seed
+        self._epoch: int | None = None  # the epoch whose first batch has been seen
 
     def _model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         return getattr(pl_module, self.attr)
@@ -42,7 +43,15 @@ class FreezeSchedule(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.plan.apply(self._model(pl_module), trainer.current_epoch)
-        if self.seed is not None:  # randomness of an epoch depends only on (seed, epoch): resumes replay exactly
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._epoch == trainer.current_epoch:
+            return
+        self._epoch = trainer.current_epoch
+        # Lightning skips on_train_epoch_start in the first epoch after resuming from an epoch-end checkpoint
+        self.plan.apply(self._model(pl_module), trainer.current_epoch)
+        if self.seed is not None:  # seeded here, after the loader drew from the RNG: the same in a resumed run
             pl.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
 
     def state_dict(self) -> dict:

@@ -313,7 +313,7 @@ def freeze_grid(results: pd.DataFrame, metric: str = "val_acc") -> Figure:
                             markeredgecolor="black", linestyle="none", label=f"{per} a class: {row['plan']}")
                 else:
                     ax.axhline(row[metric], color=color, linestyle="--", label=f"{per} a class: {row['plan']}")
-        ax.set(title=str(name), xlabel="fixed leading groups (0 = full fine-tuning)", ylabel=metric)
+        ax.set(title=str(name), xlabel="fixed leading groups (0 = full fine-tuning, max = linear probe)", ylabel=metric)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)

@@ -13,9 +13,9 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from . import augment, freeze
+from . import augment, cache, freeze
 from .backbone import create_backbone
-from .data import scan, split
+from .data import DataError, scan, split
 from .datamodule import ImageDataModule
 from .freeze import Plan
 from .images import dataset_percentiles
@@ -41,15 +41,6 @@ def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: i
               images: Iterable[torch.Tensor] | None = None) -> Plan:
     """The freeze plan the recipe asks for: automatic (declared or measured domain), full, probe or fixed depth."""
     f, t = recipe.freeze, recipe.train
-    kw = dict(bn_fixed="frozen" if f.bn == "auto" else f.bn, bn_trained="train" if f.bn == "auto" else f.bn,
-              epochs=t.epochs, probe_epochs=f.probe_epochs)
-    sched = "none" if f.schedule == "auto" else f.schedule
-    if f.mode == "full":
-        return freeze.full(model, schedule=sched, **kw)
-    if f.mode == "probe":
-        return freeze.probe(model, **kw)
-    if f.mode == "fixed":
-        return freeze.fixed(model, f.depth, schedule=sched, **kw)
     distance = f.domain if isinstance(f.domain, float) else None
     domain = f.domain if isinstance(f.domain, str) and f.domain != "measure" else None
     if f.domain == "measure":
@@ -57,6 +48,18 @@ def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: i
             raise ValueError("freeze.domain: measure needs images to measure the distance on")
         from .domain import distance as measure
         distance = measure(model, images).overall
+    d = distance if distance is not None else freeze.DOMAINS[domain]
+    bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size)
+    if f.bn != "auto":
+        bn_fixed = bn_trained = f.bn
+    kw = dict(bn_fixed=bn_fixed, bn_trained=bn_trained, epochs=t.epochs, probe_epochs=f.probe_epochs)
+    sched = "none" if f.schedule == "auto" else f.schedule
+    if f.mode == "full":
+        return freeze.full(model, schedule=sched, **kw)
+    if f.mode == "probe":
+        return freeze.probe(model, **kw)
+    if f.mode == "fixed":
+        return freeze.fixed(model, f.depth, schedule=sched, **kw)
     return freeze.auto(model, n_train=n_train, n_classes=n_classes, domain=domain, distance=distance,
                        epochs=t.epochs, batch_size=t.batch_size, bn=f.bn, schedule=f.schedule,
                        probe_epochs=f.probe_epochs, lr_decay=f.lr_decay)
@@ -88,9 +91,10 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
         items, classes, sc = prepare(data, recipe_obj, csv=csv)
         if len(classes) < 2:
-            raise ValueError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
-                             f"a classifier needs at least two: one sub-folder per class")
+            raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
+                            f"a classifier needs at least two: one sub-folder per class")
         b = recipe_obj.backbone
+        pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
         model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
                                 in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
         pre = _preprocess(recipe_obj, model, items)
@@ -119,7 +123,12 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                          intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
                          seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels)
     weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
-    module = Classifier(model, plan, recipe_obj, classes, class_weights=weights,
+    datamodule, module_cls = dm, Classifier
+    if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
+        datamodule, info = cache.cached_training(model, plan, recipe_obj, pre.to_dict(), items, dm, ckpt)
+        run.write_json("features.json", info, replace=True)
+        module_cls = cache.HeadClassifier
+    module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
                         extra={"preprocess": pre.to_dict()})
     has_val = bool((items["split"] == "val").any())
     best = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
@@ -138,7 +147,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LightningModule.*has parameters that were not used.*")
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     if trainer.global_rank == 0:
         _finish(run, trainer, best, started, resumed=resume is not None)
     return run
@@ -185,7 +194,8 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
     if not table.empty:
         from .run import atomic_write
         atomic_write(run.path / "metrics.csv", table.to_csv(index=False))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "train_"))}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith(("val_", "train_")) and not k.endswith(("_step", "_epoch"))}
     best_path = Path(best.best_model_path) if best.best_model_path else run.path / "checkpoints" / "last.ckpt"
     best_path = best_path.resolve().relative_to(run.path.resolve())  # Lightning's paths are absolute, --out may not be
     previous = run.summary

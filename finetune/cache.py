@@ -1,0 +1,215 @@
+"""Cached features for linear probes: the frozen backbone runs once per image, then only the head trains.
+
+Features are ``model.forward_head(model.forward_features(x), pre_logits=True)`` of every image through the
+evaluation pipeline, with the model in eval mode. They are stored in ``$FINETUNE_HOME/features/<key>.pt``; the
+key is a sha256 over the model name, the backbone's weights (BN statistics included, head excluded), the
+preprocessing and the data (paths, labels, splits, sizes, mtimes), so a changed input never meets a stale cache.
+Training stays inside Lightning (same checkpoints, metrics and run folder) and the checkpoint holds the whole
+timm model, so predict and export are unchanged. The rule for ``train.cache_features`` is :func:`decide`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .backbone import _finetune_home
+from .datamodule import EpochSampler, ImageDataModule
+from .freeze import Plan
+from .module import Classifier
+from .recipe import Recipe
+from .run import atomic_write, load_checkpoint
+from .stages import stages
+
+log = logging.getLogger("finetune")
+FORMAT = 1  # bump when what a cache file holds changes: older files then miss
+
+
+def decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str]:
+    """Whether to train on cached features, and the reason in one line (logged: a warning where ``true`` skips
+    something or does nothing).
+
+    ``auto`` caches a linear probe whose training pipeline is the evaluation pipeline and whose fixed BatchNorm
+    layers use running statistics: caching then changes nothing but speed. ``true`` caches any linear probe:
+    random augmentation is skipped and BN uses running statistics. ``false`` never caches.
+    """
+    use, why = _decide(recipe, plan, train_pipeline, eval_pipeline)
+    forced = recipe.train.cache_features is True
+    if plan.is_probe or forced:
+        log.log(logging.WARNING if forced and (not use or "skipped" in why) else logging.INFO, "features: %s", why)
+    return use, why
+
+
+def _decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str]:
+    setting = recipe.train.cache_features
+    if setting is False:
+        return False, "train.cache_features is false"
+    if not plan.is_probe:
+        return False, ("the plan trains backbone groups, so their features change every step (only linear probes "
+                       "are cached; the fixed prefix still costs a forward pass only)")
+    live_bn = [g.name for g in plan.groups if g.kind != "head" and g.bn == "train"]
+    random = train_pipeline != eval_pipeline
+    if setting is True:
+        skipped = [w for w, on in [("the training augmentation", random),
+                                   (f"batch statistics in BN of {', '.join(live_bn)}", live_bn)] if on]
+        return True, ("train.cache_features is true: the linear probe trains on cached features of the evaluation "
+                      "pipeline" + (f"; skipped: {' and '.join(skipped)}" if skipped else ""))
+    if random:
+        return False, ("the training pipeline is random (augmentation), so features differ every epoch; "
+                       "train.cache_features=true trains this linear probe on cached un-augmented features instead "
+                       "(usually 20x or more faster an epoch)")
+    if live_bn:
+        return False, f"BN of {', '.join(live_bn)} uses batch statistics (freeze.bn: train), so features vary by batch"
+    return True, ("linear probe with a deterministic training pipeline (the evaluation pipeline): the backbone's "
+                  "features are computed once and cached")
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 of the state dict without the classifier head (the head does not change the features)."""
+    head = {p for s in stages(model) if s.kind == "head" for p in s.params}
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name in head:
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(model_name: str, weights: str, preprocess: dict, items: pd.DataFrame) -> str:
+    """sha256 over the model name, its weights hash, the preprocessing and every file's path, label, split,
+    size and modification time."""
+    h = hashlib.sha256()
+    meta = {"format": FORMAT, "timm": timm.__version__, "model": model_name, "weights": weights,
+            "preprocess": preprocess}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for path, label, split in zip(items["path"], items["label"], items["split"]):
+        st = os.stat(path)
+        h.update(f"{path}\0{label}\0{split}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cache_path(key: str) -> Path:
+    return _finetune_home() / "features" / f"{key}.pt"
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits features and labels of every batch, the model in eval mode (restored afterwards)."""
+    was = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for x, y in loader:
+            f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y))
+    finally:
+        model.train(was)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def load_or_compute(model: torch.nn.Module, images: ImageDataModule, key: str,
+                    device: torch.device | str = "cpu") -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], bool]:
+    """The cached features of every split present, and whether they came from the cache."""
+    path = cache_path(key)
+    if path.is_file():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if data.get("key") == key:
+                return {s: (d["features"], d["labels"]) for s, d in data["splits"].items()}, True
+        except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed, never trusted
+            log.warning("feature cache %s is unreadable (%s); computing the features again", path, e)
+    model.to(device)
+    splits = {}
+    for split in ("train", "val", "test"):
+        ds = images.dataset(split)
+        if len(ds):
+            loader = DataLoader(ds, batch_size=images.batch_size, num_workers=images.num_workers)
+            splits[split] = extract(model, loader, device)
+    buf = io.BytesIO()
+    torch.save({"key": key, "splits": {s: {"features": f, "labels": y} for s, (f, y) in splits.items()}}, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+    return splits, False
+
+
+class FeatureDataset(Dataset):
+    """Rows of a feature matrix with their labels; takes ``(index, seed)`` keys from :class:`EpochSampler`."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return self.features[i], self.labels[i]
+
+
+class FeatureDataModule(pl.LightningDataModule):
+    """Loaders over cached features, in the image data module's order, batch size and seeded shuffling."""
+
+    def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], images: ImageDataModule):
+        super().__init__()
+        self.splits, self.batch_size, self.seed = splits, images.batch_size, images.seed
+        self.weights = None
+        if images.balance == "sampler":
+            labels = images._part("train")["label"]
+            self.weights = (1.0 / labels.map(labels.value_counts())).to_numpy()
+
+    def _loader(self, split: str, sampler=None) -> DataLoader:
+        return DataLoader(FeatureDataset(*self.splits[split]), batch_size=self.batch_size, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", EpochSampler(len(self.splits["train"][1]), self.seed, self.weights))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val") if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test") if "test" in self.splits else []
+
+
+class HeadClassifier(Classifier):
+    """A :class:`Classifier` whose batches are features: only the head (after the model's dropout) runs.
+    Images still go through the whole model, so ``predict_step`` on images is unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return super().forward(x)
+        return self.model.get_classifier()(F.dropout(x, self.recipe.backbone.drop_rate, self.training))
+
+
+def cached_training(model: torch.nn.Module, plan: Plan, recipe: Recipe, preprocess: dict, items: pd.DataFrame,
+                    images: ImageDataModule, ckpt: str | Path | None = None) -> tuple[FeatureDataModule, dict]:
+    """Data for training the head on cached features, and a record of the cache (key, path, hit).
+
+    BN statistics are re-estimated first where the plan says so (AdaBN changes the features); on resume the
+    checkpoint's weights are loaded first, as the features come from them.
+    """
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model.load_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")})
+        plan.load_state_dict(state["finetune"]["plan"])
+    if not plan.adapted:
+        plan.adapt_bn(model, images.adapt_dataloader())
+    device = "cuda" if torch.cuda.is_available() and recipe.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    key = cache_key(recipe.backbone.name, weights_hash(model), preprocess, items)
+    splits, hit = load_or_compute(model, images, key, device)
+    model.to("cpu")
+    info = {"key": key, "path": str(cache_path(key)), "hit": hit,
+            "dim": int(splits["train"][0].shape[1]), "images": {s: len(y) for s, (_, y) in splits.items()}}
+    log.info("features %s %s", "loaded from" if hit else "computed and cached in", info["path"])
+    return FeatureDataModule(splits, images), info

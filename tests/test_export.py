@@ -1,0 +1,115 @@
+"""export: ONNX and TorchScript give PyTorch's output on real images, carry labels and preprocessing, predict
+without the training code, never overwrite; predict from the command line."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from finetune import fit
+from finetune.cli import main
+from finetune.examples import texture_folder
+from finetune.export import ExportedPredictor, export
+from finetune.predict import Predictor, expand_paths
+
+TINY = ["train.epochs=1", "image.size=32", "train.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    return texture_folder(tmp_path_factory.mktemp("data") / "tex")
+
+
+@pytest.fixture(scope="module")
+def run(textures, tmp_path_factory):
+    return fit(textures, "natural", out=tmp_path_factory.mktemp("runs"), name="r", overrides=TINY, progress=False)
+
+
+@pytest.fixture(scope="module")
+def exports(run):
+    return {fmt: export(run, fmt) for fmt in ("onnx", "torchscript")}
+
+
+@pytest.fixture(scope="module")
+def reference(run):
+    return Predictor.load(run.path, device="cpu")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch_on_real_images(fmt, exports, reference, textures):
+    folder = exports[fmt]
+    meta = json.loads((folder / "export.json").read_text())
+    assert folder.name == f"export-{fmt}" and (folder / meta["file"]).is_file()
+    assert meta["format"] == fmt and meta["classes"] == reference.classes
+    assert meta["preprocess"] == reference.preprocess.to_dict() and meta["input_size"] == [3, 32, 32]
+    files = expand_paths([textures / "val"])
+    x = torch.stack([reference.preprocess.load(f) for f in files])
+    with torch.no_grad():
+        expected = reference.model.eval()(x)
+    exported = ExportedPredictor.load(folder, device="cpu")
+    for batch in (x[:1], x[:5], x):  # the batch axis is dynamic
+        assert (exported.logits(batch) - expected[:len(batch)]).abs().max() < 1e-4
+    assert (exported.predict(x, tta=True) - reference.predict(x, tta=True)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_predictor_gives_the_same_table(fmt, exports, reference, textures):
+    loaded = Predictor.load(exports[fmt])
+    assert isinstance(loaded, ExportedPredictor)
+    got = loaded.predict_paths([textures / "val"], top_k=2, tta=True)
+    want = reference.predict_paths([textures / "val"], top_k=2, tta=True)
+    assert got[["path", "label_1", "label_2"]].equals(want[["path", "label_1", "label_2"]])
+    assert (got[["prob_1", "prob_2"]] - want[["prob_1", "prob_2"]]).abs().max().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_predicts_without_training_code(fmt, exports, textures):
+    code = (
+        "import sys\n"
+        "from finetune.export import ExportedPredictor\n"
+        f"p = ExportedPredictor.load({str(exports[fmt])!r})\n"
+        f"t = p.predict_paths([{str(textures / 'val' / 'grass')!r}], top_k=1)\n"
+        "assert len(t) == 16, t\n"
+        "heavy = {'timm', 'pytorch_lightning', 'lightning_fabric', 'torchmetrics', 'matplotlib'}\n"
+        "ours = {'finetune.recipe', 'finetune.augment', 'finetune.train', 'finetune.run', 'finetune.backbone',\n"
+        "        'finetune.module', 'finetune.freeze'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in ours))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_exports_never_overwrite(run, exports, tmp_path):
+    second = export(run, "onnx")
+    assert second.name == "export-onnx-2" and (exports["onnx"] / "model.onnx").is_file()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        export(run, "torchscript", out=taken)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    assert main(["export", str(run.path), "--format", "torchscript", "--out", str(tmp_path / "ts")]) == 0
+    assert json.loads((tmp_path / "ts" / "export.json").read_text())["format"] == "torchscript"
+    assert main(["export", str(run.path), "--format", "torchscript", "--out", str(tmp_path / "ts")]) == 2
+
+
+def test_cli_predict_writes_top_k_csv_with_flip_tta(run, reference, textures, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run.path), str(textures / "val"), "--top-k", "2", "--out", str(out), "--tta",
+                 "--batch-size", "7"]) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["path", "label_1", "prob_1", "label_2", "prob_2"] and len(table) == 48
+    assert (table["prob_1"] >= table["prob_2"]).all() and set(table["label_1"]) <= set(reference.classes)
+    x = torch.stack([reference.preprocess.load(p) for p in table["path"]])
+    plain, flipped = reference.predict(x), reference.model(x.flip(-1)).softmax(-1).detach()
+    tta = (plain + flipped) / 2
+    assert torch.allclose(torch.tensor(table["prob_1"].to_numpy(), dtype=torch.float32), tta.max(-1).values, atol=1e-5)
+    assert not torch.allclose(plain, tta, atol=1e-5)  # the flip changed something, so the test can tell
+    assert main(["predict", str(run.path), str(textures / "val"), "--out", str(out)]) == 2  # never overwritten
+    capsys.readouterr()
+    assert main(["predict", str(run.path), str(textures / "val" / "brick" / "brick_000.png"), "-k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "brick_000.png" in printed and "label_3" in printed
