@@ -53,10 +53,9 @@ class Evaluation:
     def load(cls, folder: str | Path) -> Evaluation:
         folder = Path(folder)
         m = json.loads((folder / "metrics.json").read_text())
+        table = pd.read_csv(folder / "per_class.csv", keep_default_na=False)
         return cls(folder=folder, run=Path(m["run"]), data=m["data"], split=m["split"], checkpoint=m["checkpoint"],
-                   classes=m["classes"], metrics=m["metrics"], per_class=pd.read_csv(folder / "per_class.csv",
-                                                                                     keep_default_na=False),
-                   confusion=np.array(m["confusion"]),
+                   classes=m["classes"], metrics=m["metrics"], per_class=table, confusion=np.array(m["confusion"]),
                    pictures={n: folder / n for n in PICTURES if (folder / n).is_file()})
 
     def to_string(self) -> str:
@@ -116,10 +115,11 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         predictions[f"p_{c}"] = probs[:, j].numpy().round(6)
     predictions.to_csv(folder / "predictions.csv", index=False)
     table.to_csv(folder / "per_class.csv", index=False)
-    pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"), columns=classes).to_csv(folder / "confusion.csv")
-    metrics.update(tta=tta, checkpoint_file=str(ckpt.relative_to(run.path)))
+    cm_table = pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"), columns=classes)
+    cm_table.to_csv(folder / "confusion.csv")
+    ckpt_name = str(ckpt.relative_to(run.path))
     record = {"run": str(run.path), "data": name, "data_path": str(data or csv or run.path / "items.csv"),
-              "split": split, "checkpoint": checkpoint, "classes": classes, "metrics": metrics,
+              "split": split, "checkpoint": ckpt_name, "tta": tta, "classes": classes, "metrics": metrics,
               "confusion": cm.tolist(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (folder / "metrics.json").write_text(json.dumps(record, indent=2))
 
@@ -142,7 +142,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
     }
     for fname, fig in figures.items():
         plots.save(fig, folder / fname)
-    result = Evaluation(folder=folder, run=run.path, data=name, split=split, checkpoint=metrics["checkpoint_file"],
+    result = Evaluation(folder=folder, run=run.path, data=name, split=split, checkpoint=ckpt_name,
                         classes=classes, metrics=metrics, per_class=table, confusion=cm,
                         pictures={n: folder / n for n in figures})
     if report:
@@ -186,7 +186,8 @@ def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | 
     return items[["path", "label"]].reset_index(drop=True), re.sub(r"[^\w.-]+", "_", name) or "data", split
 
 
-def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str], n_bins: int = 10) -> tuple[dict, pd.DataFrame, np.ndarray]:
+def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
+          n_bins: int = 10) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """torchmetrics on probabilities (N, C) and true indices (N,): the headline numbers, the per-class table
     (class, support, predicted, precision, recall, f1) and the confusion matrix (rows: true, columns: predicted).
     A class with no images gets precision/recall 0 in the table and is left out of the balanced accuracy."""

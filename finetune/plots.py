@@ -234,7 +234,8 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10, e
     predictions fall in each bin."""
     bins = reliability_bins(confidence, correct, n_bins)
     if ece is None:
-        ece = float(np.nansum(bins["count"] * (bins["accuracy"] - bins["confidence"]).abs()) / max(1, bins["count"].sum()))
+        gaps = bins["count"] * (bins["accuracy"] - bins["confidence"]).abs()
+        ece = float(np.nansum(gaps) / max(1, bins["count"].sum()))
     fig = figure(6.5, 6.5)
     ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     width = 1 / n_bins

@@ -25,7 +25,8 @@ h1{font-size:26px;margin:8px 0 2px}h2{font-size:20px;margin:34px 0 10px;border-b
 h3{font-size:16px;margin:20px 0 6px}.sub{color:#666;margin:0 0 14px}
 .tiles{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
 .tile{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:150px;background:#fafafa}
-.tile b{display:block;font-size:24px}.tile span{color:#666;font-size:13px}.tile.bad{border-color:#c44e52;background:#fdf1f1}
+.tile b{display:block;font-size:24px}.tile span{color:#666;font-size:13px}
+.tile.bad{border-color:#c44e52;background:#fdf1f1}
 ul.notes li{margin:4px 0}.warn{color:#a00000}
 figure{margin:14px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:13px}
@@ -101,7 +102,8 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
     parts.append(_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"))
 
     parts.append("<h2>Training</h2>")
-    parts.append(_picture(ev, "curves.png", lambda: plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups])))
+    groups = [g.name for g in run.plan.groups]
+    parts.append(_picture(ev, "curves.png", lambda: plots.curves(plots.read_logs(run.path), groups)))
     parts.append(_epoch_table(run))
 
     parts.append("<h2>Freeze plan</h2><p>What stayed fixed, what trained at which rate, and why:</p>")

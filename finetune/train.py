@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from .recipe import Recipe, load_recipe
 from .run import AtomicCheckpointIO, Run, RunError
 
 log = logging.getLogger("finetune")
+_RUN_ENV = "FINETUNE_RUN"  # rank 0's run folder, inherited by the DDP processes it starts
 
 
 def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None) -> tuple[pd.DataFrame, list[str], Any]:
@@ -75,19 +77,26 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     stopped run from its last checkpoint, schedules included.
     """
     started = time.time()
-    if resume is not None:
-        run = Run.open(resume)
-        recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
-        pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
-        ckpt = run.checkpoint("last")
-        model = create_backbone(recipe_obj.backbone.name, len(classes), pretrained=False,
-                                in_chans=augment.model_channels(recipe_obj), drop_rate=recipe_obj.backbone.drop_rate)
-    else:
+    if resume is None:
         if data is None and csv is None:
             raise ValueError("fit() needs data (an image folder) or csv= (a CSV of path,label), or resume=RUN")
         recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         if overrides:
             recipe_obj = recipe_obj.override(overrides)
+        stem = f"{Path(str(data or csv)).resolve().name.replace(' ', '_') or 'data'}-{recipe_obj.backbone.name}"
+        name = name or _job_name(stem)
+    shared = None if resume is not None or _is_rank_zero() else _rank_zero_run(out, name)
+    if resume is not None or shared is not None:
+        run = shared or Run.open(resume)
+        recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
+        pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
+        ckpt = None if shared else run.checkpoint("last")
+        b = recipe_obj.backbone
+        start = bool(shared) and b.pretrained  # another rank of a new run starts from rank 0's weights
+        pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)
+        model = create_backbone(b.name, len(classes), pretrained=start, weights=b.weights if start else None,
+                                in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+    else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
         items, classes, sc = prepare(data, recipe_obj, csv=csv)
         if len(classes) < 2:
@@ -98,8 +107,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
                                 in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
         pre = _preprocess(recipe_obj, model, items)
-        stem = Path(str(data or csv)).resolve().name.replace(" ", "_") or "data"
-        run = Run.create(out, name, f"{stem}-{b.name}")
+        run = Run.create(out, name, stem)
         run.write_new("recipe.yaml", recipe_obj.to_yaml())
         run.write_json("classes.json", classes)
         items.to_csv(run.path / "items.csv", index=False)
@@ -126,7 +134,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     datamodule, module_cls = dm, Classifier
     if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
         datamodule, info = cache.cached_training(model, plan, recipe_obj, pre.to_dict(), items, dm, ckpt)
-        run.write_json("features.json", info, replace=True)
+        if _is_rank_zero():
+            run.write_json("features.json", info, replace=True)
         module_cls = cache.HeadClassifier
     module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
                         extra={"preprocess": pre.to_dict()})
@@ -147,10 +156,48 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LightningModule.*has parameters that were not used.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        os.environ[_RUN_ENV] = str(run.path.resolve())  # for the processes Lightning's DDP launcher starts
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        finally:
+            os.environ.pop(_RUN_ENV, None)
     if trainer.global_rank == 0:
         _finish(run, trainer, best, started, resumed=resume is not None)
     return run
+
+
+def _is_rank_zero() -> bool:
+    """False in the other processes of a multi-process launch (torchrun: RANK, srun: SLURM_PROCID, Lightning's
+    DDP launcher: NODE_RANK and LOCAL_RANK), which read rank 0's run folder instead of writing one."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if int(env.get("SLURM_NTASKS", 1)) > 1:
+        return int(env.get("SLURM_PROCID", 0)) == 0
+    return int(env.get("NODE_RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
+
+
+def _job_name(stem: str) -> str | None:
+    """A run folder name every process of one cluster job agrees on (SLURM job id, torchrun run id)."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1))) < 2:
+        return None
+    job = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID", "none")
+    return None if job == "none" else f"{stem}-job{job}"
+
+
+def _rank_zero_run(out: str | Path, name: str | None, timeout: float = 1800.0) -> Run:
+    """Rank 0's run folder, once rank 0 has written it (data.json is its last file before training)."""
+    path = os.environ.get(_RUN_ENV) or (Path(out) / name if name else None)
+    if path is None:
+        raise RunError("this is not rank 0 of a multi-process launch and cannot tell which run folder rank 0 "
+                       "writes: pass the same --name to every process")
+    deadline = time.time() + timeout
+    while not (Path(path) / "data.json").is_file():
+        if time.time() > deadline:
+            raise RunError(f"rank 0 did not write {path} within {timeout:.0f} s")
+        time.sleep(0.5)
+    return Run.open(path)
 
 
 def _preprocess(recipe: Recipe, model: torch.nn.Module, items: pd.DataFrame) -> Preprocess:

@@ -112,12 +112,14 @@ def reported(textures, tmp_path_factory):
     data = Path(shutil.copytree(textures, tmp_path_factory.mktemp("bad") / "textures"))
     for i, (name, (write, _)) in enumerate(BROKEN.items()):
         write(data / "train" / ["brick", "grass", "gravel"][i % 3] / name)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures start before the autouse one_thread
     with no_network() as attempts:
         with pytest.raises(OSError):  # the guard works
             socket.create_connection(("127.0.0.1", 9))
         attempts.clear()
         run = fit(data, "natural", out=data.parent / "runs", name="r", overrides=TINY, progress=False)
+    torch.set_num_threads(threads)
     return run, list(attempts)
 
 
@@ -182,12 +184,11 @@ FOLDERS = st.lists(st.tuples(st.integers(0, 4), st.lists(st.sampled_from(sorted(
                    min_size=1, max_size=3)  # per class: good images, broken files
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(FOLDERS, st.sampled_from([0.2, 0.5]))
 @example([(3, ["text.jpg"]), (4, [])], 0.2)  # trains, skipping one
 @example([(2, ["zero-byte.png", "garbage.png"]), (2, [])], 0.2)  # too many bad
 def test_fit_on_random_folders_trains_and_reports_exactly_or_refuses_clearly(spec, max_bad):
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data, broken, classes = Path(tmp) / "data", set(), 0
         for c, (n_good, bad) in enumerate(spec):
@@ -336,6 +337,9 @@ def test_nan_loss_stops_with_what_to_do_and_keeps_the_last_good_checkpoint(tmp_p
     ckpt = load_checkpoint(run.checkpoint("last"))
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     assert not (run.path / "summary.json").exists()
+    early = Path(shutil.copytree(run.path, tmp_path / "early", ignore=shutil.ignore_patterns("*.ckpt")))
+    with pytest.raises(RunError, match="has no last checkpoint yet .* start it again"):  # killed in epoch 0
+        fit(resume=early, progress=False)
     resumed = fit(resume=run.path, progress=False)  # the kept checkpoint carries on
     assert resumed.summary["epochs"] == 2 and math.isfinite(resumed.summary["final_metrics"]["train_loss"])
 
