@@ -2,7 +2,8 @@
 
 Prints the markdown table of docs/distance.md (raw and calibrated scores, per stage) and the wall time;
 ``--stability`` adds how the score moves with the number of images (several seeds), ``--calibrate`` prints the
-constant of ``finetune.domain.CALIBRATION`` the measurements imply. CPU is enough (about 10 minutes on 2 cores):
+constant of ``finetune.domain.CALIBRATION`` the measurements imply. CPU only; on 2 busy cores the table took
+16 minutes and ``--stability`` 20 more:
 
     HF_HUB_OFFLINE=1 python benchmarks/distance_table.py --max-images 256 --calibrate --stability
 """
@@ -59,7 +60,7 @@ def row(name: str, r: domain.DistanceReport, seconds: float) -> str:
 
 
 def stability(model: torch.nn.Module, root: Path, seeds: int, counts: list[int]) -> list[str]:
-    """Calibrated score after the first n images of a seeded sample, for each seed: spread across seeds and drift."""
+    """Raw score after the first n images of a seeded sample, for each seed: spread across seeds and drift."""
     lines = ["| dataset | " + " | ".join(f"n={n}" for n in counts) + " |", "|---" * (len(counts) + 1) + "|"]
     for name in SHARED:
         scores: dict[int, list[float]] = {n: [] for n in counts}
@@ -68,7 +69,7 @@ def stability(model: torch.nn.Module, root: Path, seeds: int, counts: list[int])
             for x in domain.folder_batches(root / name, model, max_images=max(counts), batch_size=16, seed=seed):
                 meter.update(x)
                 if meter.n_images in scores:
-                    scores[meter.n_images].append(meter.report().overall)
+                    scores[meter.n_images].append(meter.report().raw)
         cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in scores.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -82,7 +83,7 @@ def main() -> None:
                                  if d.is_dir()), here.parent / "shared" / "datasets"))
     p.add_argument("--max-images", type=int, default=domain.DEFAULT_MAX_IMAGES)
     p.add_argument("--calibrate", action="store_true", help="print the calibration constant the table implies")
-    p.add_argument("--stability", action="store_true", help="scores after 16..256 images, 3 seeds")
+    p.add_argument("--stability", action="store_true", help="raw scores after 16..256 images, 3 seeds")
     args = p.parse_args()
     torch.set_num_threads(min(4, os.cpu_count() or 1))
 
@@ -117,7 +118,7 @@ def main() -> None:
         print(f"\nCALIBRATION = {{'{domain.REFERENCE}': (0.0, {high:.4f})}}  ({ANCHOR} -> {ANCHOR_SCORE})")
     if args.stability:
         t = time.perf_counter()
-        print("\ncalibrated score after n images (mean ± sd over 3 seeds)\n")
+        print("\nraw score after n images (mean ± sd over 3 seeds)\n")
         print("\n".join(stability(model, args.data_root, 3, [16, 32, 64, 128, 256])))
         print(f"\nstability: {time.perf_counter() - t:.0f} s")
 

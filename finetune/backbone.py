@@ -227,7 +227,12 @@ def _file_overlay(name: str, path: Path) -> dict[str, Any]:
     if classifier is None:
         return {"file": str(path)}
     classifier = classifier if isinstance(classifier, str) else classifier[0]
-    head = load_state_dict(str(path)).get(f"{classifier}.weight")  # weights_only=True
+    try:
+        head = load_state_dict(str(path)).get(f"{classifier}.weight")  # weights_only=True
+    except Exception as e:  # noqa: BLE001 - torch's UnpicklingError, zip and EOF errors alike
+        raise ValueError(f"weights file {path} was refused: only plain tensors load (weights_only=True), nothing in "
+                         f"it was executed ({str(e).splitlines()[0][:120]}); pass a timm state dict or checkpoint"
+                         ) from None
     return {"file": str(path), "num_classes": 0 if head is None else head.shape[0]}
 
 

@@ -219,7 +219,10 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}; "
+                          f"recipes are plain YAML (no !!python tags)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -256,7 +259,13 @@ def _parse_overrides(overrides: dict | list | None) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"override '{item}' is not key=value; write for example --set optim.lr=3e-4")
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise RecipeError(f"override '{item}': the value is not valid YAML ({first}); quote text values, "
+                              f"write lists as [1, 2]") from None
+        pairs.append((key.strip(), value))
     return pairs
 
 

@@ -156,8 +156,6 @@ def test_override_with_a_python_tag_runs_nothing(capsys, data, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="recipe._parse_overrides passes yaml's multi-line parser error through "
-                                       "unwrapped (recipe.py is not this test's to fix; reported)")
 def test_override_that_is_not_yaml_is_a_one_line_recipe_error(capsys, data, tmp_path):
     code, _, err = cli(capsys, "train", data, "--set", "optim.lr=[1", "--out", tmp_path / "runs", *TINY)
     assert code == 2 and "optim.lr" in one_line_error(err)

@@ -1,0 +1,86 @@
+"""The GPU speed switches, exercised on the CPU: bf16 autocast, channels_last and torch.compile each train."""
+import functools
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from finetune import fit
+from finetune.examples import texture_folder
+from finetune.run import load_checkpoint
+
+FAST = ["train.epochs=1", "image.size=32", "train.batch_size=16", "train.num_workers=0", "freeze.mode=full"]
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    return texture_folder(tmp_path_factory.mktemp("data") / "textures", patch=64, val_every=4)
+
+
+class Seen(pl.Callback):
+    """What a training step saw: the logits' dtype, the input's and the stem's memory format."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.seen, model = {}, pl_module.model
+        self.start = model.conv_stem.weight.detach().clone()
+        model.get_classifier().register_forward_hook(self._logits)
+        model.conv_stem.register_forward_pre_hook(self._input)
+
+    def _logits(self, module, args, out):
+        self.seen.setdefault("logits", out.dtype)
+
+    def _input(self, module, args):
+        self.seen.setdefault("input_cl", args[0].is_contiguous(memory_format=torch.channels_last))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.setdefault("loss", outputs["loss"].item())
+        self.seen.setdefault("stem_cl", pl_module.model.conv_stem.weight.is_contiguous(
+            memory_format=torch.channels_last))
+
+    def on_fit_end(self, trainer, pl_module):
+        self.moved = not torch.equal(pl_module.model.conv_stem.weight.detach().cpu(), self.start)
+
+
+def _train(textures, tmp_path, *extra):
+    seen = Seen()
+    run = fit(textures, "natural", out=tmp_path, name="r", overrides=FAST + list(extra), progress=False,
+              callbacks=[seen])
+    assert seen.moved and torch.isfinite(torch.tensor(seen.seen["loss"]))
+    return run, seen.seen
+
+
+def test_bf16_mixed_trains_in_bfloat16_and_saves_float32_weights(textures, tmp_path):
+    run, seen = _train(textures, tmp_path, "train.precision=bf16-mixed")
+    assert seen["logits"] == torch.bfloat16
+    state = load_checkpoint(run.checkpoint("last"))["state_dict"]
+    assert state["model.conv_stem.weight"].dtype == torch.float32
+
+
+def test_channels_last_trains_with_channels_last_weights_and_inputs(textures, tmp_path):
+    _, seen = _train(textures, tmp_path, "train.channels_last=true")
+    assert seen["input_cl"] and seen["stem_cl"] and seen["logits"] == torch.float32
+
+
+def test_compile_trains_through_the_captured_graph(textures, tmp_path, monkeypatch):
+    """The compile switch, with AOTAutograd but without inductor's C++ code generation (see the next test)."""
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    torch._dynamo.reset()
+    _train(textures, tmp_path, "train.compile=true")
+    assert graphs, "train.compile=true did not run the model through torch.compile"
+
+
+@pytest.mark.skipif(not os.environ.get("FINETUNE_SLOW_TESTS"),
+                    reason="inductor takes about 4 minutes to compile tf_efficientnet_lite0 on a 2-core CPU "
+                           "(measured); set FINETUNE_SLOW_TESTS=1 to run it")
+def test_compile_with_inductor_trains(textures, tmp_path):
+    torch._dynamo.reset()
+    _train(textures, tmp_path, "train.compile=true")
