@@ -219,17 +219,14 @@ def _load_recipe(args: argparse.Namespace):
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import augment
     from .backbone import create_backbone
-    from .train import _preprocess, _sample_batches, make_plan, prepare
+    from .train import make_plan, measured_distance, prepare
     recipe = _load_recipe(args)
     items, classes, sc = prepare(args.data, recipe, csv=args.csv)
     b = recipe.backbone
     model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
                             in_chans=augment.model_channels(recipe))
     n_train = int((items["split"] == "train").sum())
-    sample = None
-    if recipe.freeze.domain == "measure":
-        sample = _sample_batches(items, classes, _preprocess(recipe, model, items), recipe.train.batch_size)
-    plan = make_plan(model, recipe, n_train, len(classes), sample)
+    plan = make_plan(model, recipe, n_train, len(classes), measured_distance(args.data, recipe, args.csv))
     print(f"{b.name} on {args.data or args.csv}: {n_train} training images, {len(classes)} classes, "
           f"recipe '{recipe.name}'\n")
     print(plan.explain())

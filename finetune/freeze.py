@@ -325,11 +325,13 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
     decay = lr_decay if lr_decay is not None else 0.6 + 0.3 * d
     bn_fixed, bn_trained = bn_policy(share, batch_size) if bn == "auto" else (bn, bn)
     sched = ("lp-ft" if k > 0 and epochs >= 3 else "none") if schedule == "auto" else schedule
-    far = "far from" if d >= 0.6 else ("between natural photos and" if d >= ADAPT_FROM else "close to")
+    far = ("far from ImageNet's natural photos" if d >= 0.6 else
+           "midway between ImageNet's natural photos and far domains such as microscopy" if d >= ADAPT_FROM else
+           "close to ImageNet's natural photos")
     reasons = [
         f"{per_class:.0f} images a class ({n_train} training images, {n_classes} classes): data score {s:.2f} "
         f"(log scale: 1 image a class is 0, 1000 is 1). Fewer examples: more weights stay fixed.",
-        f"distance to ImageNet {d:.2f} ({source}): {far} ImageNet's natural photos. Farther: more of the "
+        f"distance to ImageNet {d:.2f} ({source}): {far}. Farther: more of the "
         f"network must change, earlier stages included.",
         f"share of the {len(body)} backbone groups to fine-tune = data score x (0.5 + distance) = "
         f"{s:.2f} x {0.5 + d:.2f} = {share:.2f}, so the top {k} train and the first {depth} stay fixed"

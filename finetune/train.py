@@ -39,17 +39,26 @@ def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None =
     return items, list(sc.classes), sc
 
 
+def measured_distance(data: str | Path | None, recipe: Recipe, csv: str | Path | None = None) -> float | None:
+    """The calibrated distance to ImageNet when the recipe says ``freeze.domain: measure``, else None."""
+    if recipe.freeze.domain != "measure":
+        return None
+    from .domain import measure_folder
+    report = measure_folder(data, recipe, csv=csv)
+    log.info("measured distance to ImageNet: %.2f (%d images)", report.overall, report.n_images)
+    return report.overall
+
+
 def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: int,
-              images: Iterable[torch.Tensor] | None = None) -> Plan:
-    """The freeze plan the recipe asks for: automatic (declared or measured domain), full, probe or fixed depth."""
+              measured: float | None = None) -> Plan:
+    """The freeze plan the recipe asks for: automatic (declared or ``measured`` distance), full, probe or fixed."""
     f, t = recipe.freeze, recipe.train
     distance = f.domain if isinstance(f.domain, float) else None
     domain = f.domain if isinstance(f.domain, str) and f.domain != "measure" else None
     if f.domain == "measure":
-        if images is None:
-            raise ValueError("freeze.domain: measure needs images to measure the distance on")
-        from .domain import distance as measure
-        distance = measure(model, images).overall
+        if measured is None:
+            raise ValueError("freeze.domain: measure needs the measured distance: train.measured_distance(data, recipe)")
+        distance = measured
     d = distance if distance is not None else freeze.DOMAINS[domain]
     bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size)
     if f.bn != "auto":
@@ -113,10 +122,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         items.to_csv(run.path / "items.csv", index=False)
         sc.save_report(run.path)
         n_train = int((items["split"] == "train").sum())
-        sample = None
-        if recipe_obj.freeze.domain == "measure":
-            sample = _sample_batches(items, classes, pre, recipe_obj.train.batch_size)
-        plan = make_plan(model, recipe_obj, n_train, len(classes), sample)
+        plan = make_plan(model, recipe_obj, n_train, len(classes), measured_distance(data, recipe_obj, csv))
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
         run.write_json("data.json", {"preprocess": pre.to_dict(),
@@ -210,15 +216,6 @@ def _preprocess(recipe: Recipe, model: torch.nn.Module, items: pd.DataFrame) -> 
     return Preprocess(channels=augment.read_channels(recipe), intensity=im.intensity, percentiles=im.percentiles,
                       stats=stats, max_pixels=im.max_pixels, config=_plain(config),
                       pipeline=augment.pipeline_to_dict(augment.build_transforms(recipe, config, train=False)))
-
-
-def _sample_batches(items: pd.DataFrame, classes: list[str], pre: Preprocess, batch_size: int,
-                    max_images: int = 128) -> list[torch.Tensor]:
-    """Training images through the evaluation pipeline, for measuring the distance to ImageNet."""
-    train = items[items["split"] == "train"].sample(frac=1.0, random_state=0).head(max_images)
-    tf = pre.eval_transform()
-    tensors = [pre.load(p, tf) for p in train["path"]]
-    return [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
 
 
 def _strategy(name: str, plan: Plan) -> str:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from finetune import domain
 from finetune.backbone import create_backbone
+from finetune.recipe import Recipe
 from finetune.stages import stages
 
 LITE0_STAGES = ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5",
@@ -33,11 +34,11 @@ def photos():
 
 @pytest.fixture(scope="module")
 def scores(lite0, photos):
-    """Reports for ImageNet-like photos and far images, four of each (eight digits), at the model's 224 px."""
+    """Reports for four ImageNet-like photos and four far images of each kind, at the model's own 224 px."""
     import skimage.data as skd
     from sklearn.datasets import load_digits
     sets = {"photos": photos, "cell": quadrants(skd.cell()), "ihc": quadrants(skd.immunohistochemistry()),
-            "digits": list((load_digits().images[:8] / 16).astype(np.float32))}
+            "digits": list((load_digits().images[:4] / 16).astype(np.float32))}
     return {k: domain.distance(lite0, domain.prepare(v, lite0)) for k, v in sets.items()}
 
 
@@ -146,6 +147,7 @@ def test_model_without_batchnorm_raises_a_clear_error():
 
 
 def test_measure_folder_matches_prepare_and_skips_broken_files(tmp_path, lite0, photos):
+    recipe = Recipe().override({"image.size": 96})  # small input: fast
     tiles = [t for p in photos[:2] for t in quadrants(p)]
     for i, t in enumerate(tiles):
         folder = tmp_path / ("a" if i % 2 else "b")
@@ -153,11 +155,11 @@ def test_measure_folder_matches_prepare_and_skips_broken_files(tmp_path, lite0, 
         Image.fromarray(t).save(folder / f"{i}.png")
     good = (tmp_path / "a" / "1.png").read_bytes()
     (tmp_path / "a" / "broken.png").write_bytes(good[:len(good) // 2])  # a valid header, truncated pixels
-    r = domain.measure_folder(tmp_path, model=lite0, max_images=100, batch_size=3)
+    r = domain.measure_folder(tmp_path, recipe, model=lite0, max_images=100, batch_size=3)
     assert r.n_images == len(tiles)
-    expected = domain.distance(lite0, domain.prepare(tiles, lite0))  # pooled statistics: order does not matter
+    expected = domain.distance(lite0, domain.prepare(tiles, lite0, recipe=recipe))  # pooled: order does not matter
     assert r.raw == pytest.approx(expected.raw, abs=1e-6)
-    assert domain.measure_folder(tmp_path, model=lite0, max_images=3).n_images == 3
+    assert domain.measure_folder(tmp_path, recipe, model=lite0, max_images=3).n_images == 3
 
 
 def test_report_prints_score_and_stages(scores):
