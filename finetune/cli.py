@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write the per-layer table to this CSV")
     p.add_argument("--n-train", type=int, default=1000, help="training images assumed by an automatic plan")
     p.add_argument("--n-classes", type=int, default=10, help="classes assumed by an automatic plan")
-    p.add_argument("--layers", action="store_true", help="print every layer, not only stages and totals")
+    p.add_argument("--layers", action="store_true", help="print every layer, not only stages and totals (always for lenet5/alexnet)")
 
     p = sub.add_parser("check", help="scan a data folder and report bad files, without training")
     _data_args(p)
@@ -262,10 +262,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             from .train import make_plan
             plan = make_plan(model, recipe, args.n_train, args.n_classes)
         if plan is not None:
-            plan.apply(model)
-            print(plan.explain() + "\n")
+            released = max(g.train_from or 0 for g in plan.groups)
+            plan.apply(model, released)  # costs once every scheduled group trains
+            print(plan.explain() + f"\n\ncounted at epoch {released}, once the schedule has released its groups\n")
     report = inspect_model(model, size)
-    print(report.to_string() if args.layers else report.to_string())
+    print(report.to_string(layers=args.layers or args.backbone in ("lenet5", "alexnet")))
     if args.csv:
         report.layers.to_csv(args.csv, index=False)
     if args.plot:

@@ -37,11 +37,13 @@ class SizeReport:
     stages: pd.DataFrame  # layers summed per stage
     totals: pd.DataFrame  # index frozen / trainable / total
 
-    def to_string(self) -> str:
-        """The three tables as text, with thousands separators."""
+    def to_string(self, layers: bool = True) -> str:
+        """The tables as text, with thousands separators (``layers=False``: stages and totals only)."""
         size = "x".join(map(str, self.input_size))
-        return "\n\n".join([f"{self.model_name} at input {size}", "Layers", _fmt(self.layers),
-                            "Stages", _fmt(self.stages), "Totals", _fmt(self.totals)])
+        parts = [f"{self.model_name} at input {size}"]
+        if layers:
+            parts += ["Layers", _fmt(self.layers)]
+        return "\n\n".join(parts + ["Stages", _fmt(self.stages), "Totals", _fmt(self.totals)])
 
     def plot(self, path: str | Path, log: bool = False) -> Path:
         """Write a PNG with units, parameters and connections per stage, stacked by layer type (linear scale by

@@ -152,3 +152,20 @@ def test_plot_writes_decodable_png(tmp_path):
         assert image[..., :3].std() > 0  # not a blank canvas
     text = inspect_model(reference_model("lenet5")).to_string()  # default input size from the reference net
     assert text.startswith("lenet5 at input 1x32x32") and "117,600" in text
+
+
+@pytest.mark.parametrize("n_train,domain", [(240, "natural"), (3000, "microscopy"), (20, "fluorescence")])
+def test_frozen_trainable_split_follows_the_freeze_plan(n_train, domain):
+    import timm
+
+    from finetune import freeze
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
+    plan = freeze.auto(model, n_train=n_train, n_classes=10, domain=domain)
+    epoch = max(g.train_from or 0 for g in plan.groups)
+    plan.apply(model, epoch)
+    report = inspect_model(model, (3, 64, 64))
+    fixed = sum(g.numel for g in plan.groups if not g.trains_at(epoch))
+    assert report.totals.loc["frozen", "params"] == fixed
+    assert report.totals.loc["trainable", "params"] == sum(g.numel for g in plan.groups) - fixed
+    assert report.stages["trainable"].tolist() == [g.trains_at(epoch) for g in plan.groups]
+    assert report.totals.loc["frozen", "bwd_ops"] == 0  # a fixed prefix costs its forward pass only
