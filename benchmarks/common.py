@@ -197,6 +197,9 @@ def run_fit(dataset: str, csv_path: Path, recipe: str, overrides: list[str], nam
                   name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", overrides=overrides, progress=False)
     wall = time.time() - t0
     s = run.summary
+    want = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.epochs=")), None)
+    if want is not None and s.get("epochs") != want:  # e.g. stopped early by a SIGTERM: not a result
+        raise RuntimeError(f"{s['run']}: trained {s.get('epochs')} of {want} epochs; no row written")
     m = s["final_metrics"]
     state = json.loads((Path(s["run"]) / "plan.json").read_text())
     return {"val_acc": round(m.get("val_acc", float("nan")), 4), "val_recall": round(m.get("val_recall", float("nan")), 4),

@@ -95,46 +95,45 @@ def main(argv=None) -> None:
     log(f"CPU: {cpu_name()}; {a.threads} thread(s); results -> {a.out}")
     for seed, per_class, ds in [(s, p, d) for s in a.seeds for p in a.per_class for d in a.datasets]:
         # every task at 10 a class first: the cheap rows give the first answer early
-        if True:
-            recipe = TASKS[ds]
-            csv_path, info = subset_csv(ds, per_class, val_cap=a.val_cap, seed=seed)
-            size = a.size or SIZES[ds]
-            todo = [MEASURE] if a.measure else VARIANTS if a.variants else plans()
-            for plan_name, extra in todo:
-                if a.plans and plan_name not in a.plans:
+        recipe = TASKS[ds]
+        csv_path, info = subset_csv(ds, per_class, val_cap=a.val_cap, seed=seed)
+        size = a.size or SIZES[ds]
+        todo = [MEASURE] if a.measure else VARIANTS if a.variants else plans()
+        for plan_name, extra in todo:
+            if a.plans and plan_name not in a.plans:
+                continue
+            ov = settings(a.epochs, size, a.batch, seed) + extra
+            done = [r for r in read_rows(a.out) if r["dataset"] == ds and r["per_class"] == str(per_class)
+                    and _seed(r) == seed
+                    and r["plan"] == plan_name and r["epochs"] == str(a.epochs) and r["image_size"] == str(size)]
+            # every row is keyed by the plan the code makes now (fixed plans' BatchNorm modes depend on the
+            # data since the BN policy change), so a rule change reruns exactly the rows whose plan changed
+            try:
+                want = predict_plan(ds, csv_path, recipe, ov)
+            except Exception as e:  # e.g. the measured domain failing: record nothing, go on
+                log(f"{ds} {per_class}/class {plan_name}: cannot make the plan: {e!r}")
+                continue
+            done = [r for r in done if r["plan_hash"] == want["plan_hash"]]
+            note = f" (plan: depth {want['fixed_depth']}, {want['schedule']}, {want['plan_hash']})"
+            if a.variants and plan_name != "auto":
+                auto_plan = predict_plan(ds, csv_path, recipe, settings(a.epochs, size, a.batch, seed)
+                                         + ["freeze.mode=auto"])
+                if auto_plan["plan_hash"] == want["plan_hash"]:
+                    log(f"{ds} {per_class}/class {plan_name}: same plan as auto, skipped")
                     continue
-                ov = settings(a.epochs, size, a.batch, seed) + extra
-                done = [r for r in read_rows(a.out) if r["dataset"] == ds and r["per_class"] == str(per_class)
-                        and _seed(r) == seed
-                        and r["plan"] == plan_name and r["epochs"] == str(a.epochs) and r["image_size"] == str(size)]
-                # every row is keyed by the plan the code makes now (fixed plans' BatchNorm modes depend on the
-                # data since the BN policy change), so a rule change reruns exactly the rows whose plan changed
-                try:
-                    want = predict_plan(ds, csv_path, recipe, ov)
-                except Exception as e:  # e.g. the measured domain failing: record nothing, go on
-                    log(f"{ds} {per_class}/class {plan_name}: cannot make the plan: {e!r}")
-                    continue
-                done = [r for r in done if r["plan_hash"] == want["plan_hash"]]
-                note = f" (plan: depth {want['fixed_depth']}, {want['schedule']}, {want['plan_hash']})"
-                if a.variants and plan_name != "auto":
-                    auto_plan = predict_plan(ds, csv_path, recipe, settings(a.epochs, size, a.batch, seed)
-                                             + ["freeze.mode=auto"])
-                    if auto_plan["plan_hash"] == want["plan_hash"]:
-                        log(f"{ds} {per_class}/class {plan_name}: same plan as auto, skipped")
-                        continue
-                if done:
-                    continue
-                log(f"{ds} {per_class}/class seed {seed} {plan_name}{note}: training ({info['n_train']} train, {info['n_val']} val)")
-                try:
-                    res = run_fit(ds, csv_path, recipe, ov, safe_name(f"fg-{ds}-{per_class}-s{seed}-{plan_name}"))
-                except Exception as e:
-                    log(f"  FAILED: {e!r}")
-                    continue
-                row = {"dataset": ds, "recipe": recipe, "per_class": per_class, "n_train": info["n_train"],
-                       "n_val": info["n_val"], "plan": plan_name, "epochs": a.epochs, "image_size": size, "seed": seed, **res}
-                append_row(a.out, row, COLUMNS)
-                log(f"  val_acc {res['val_acc']:.3f} val_recall {res['val_recall']:.3f} depth {res['fixed_depth']} "
-                    f"{res['wall_s']:.0f}s")
+            if done:
+                continue
+            log(f"{ds} {per_class}/class seed {seed} {plan_name}{note}: training ({info['n_train']} train, {info['n_val']} val)")
+            try:
+                res = run_fit(ds, csv_path, recipe, ov, safe_name(f"fg-{ds}-{per_class}-s{seed}-{plan_name}"))
+            except Exception as e:
+                log(f"  FAILED: {e!r}")
+                continue
+            row = {"dataset": ds, "recipe": recipe, "per_class": per_class, "n_train": info["n_train"],
+                   "n_val": info["n_val"], "plan": plan_name, "epochs": a.epochs, "image_size": size, "seed": seed, **res}
+            append_row(a.out, row, COLUMNS)
+            log(f"  val_acc {res['val_acc']:.3f} val_recall {res['val_recall']:.3f} depth {res['fixed_depth']} "
+                f"{res['wall_s']:.0f}s")
     log("done")
 
 

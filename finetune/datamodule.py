@@ -14,8 +14,13 @@ from .data import ImageDataset
 
 
 def default_workers() -> int:
-    """Loader processes: half the cores (the other half computes), none on a single core."""
-    return min(8, (os.cpu_count() or 1) // 2)
+    """Loader processes. With a GPU, decoding limits the speed: every core but one (at most 8). On the CPU the model
+    trains 10-60x slower than one process decodes and augments (benchmarks/README.md): one worker, and none on 2
+    cores or fewer, where it would only take a core from the model's threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.cuda.is_available():
+        return max(0, min(8, cores - 1))
+    return 0 if cores <= 2 else 1
 
 
 class EpochSampler(Sampler):

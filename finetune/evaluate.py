@@ -26,9 +26,11 @@ __all__ = ["Evaluation", "evaluate", "select_items", "score", "PICTURES"]
 #: file name -> what the picture shows (the report's captions use these too)
 PICTURES = {
     "per_class.png": "Images per class (left) beside each class's precision, recall and F1 (right).",
-    "confusion.png": "Confusion matrix: counts, coloured by the share of each true class.",
+    "confusion.png": "Confusion matrix: counts, coloured by the share of each true class (left: recall) and of "
+                     "each predicted class (right: precision).",
     "calibration.png": "Reliability diagram: is the model as often right as it is confident?",
-    "wrong.png": "The most confidently wrong images, with their true and predicted labels.",
+    "wrong.png": "The most confidently wrong images, with their true and predicted labels, shown after the run's "
+                 "intensity scaling (as the network sees them, before resizing).",
     "curves.png": "Training curves: loss, accuracy and each param group's learning rate.",
     "class_counts.png": "Images per class in each split of the run's data.",
 }
@@ -210,6 +212,7 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
         "accuracy": top1, "balanced_accuracy": float(table.loc[support > 0, "recall"].mean()),
         "macro_f1": float(MulticlassF1Score(c, average="macro")(probs, target)),
         "ece": float(MulticlassCalibrationError(c, n_bins=n_bins, norm="l1")(probs, target)), "n_bins": n_bins,
+        "mean_confidence": float(probs.max(-1).values.mean()),
         "majority_class": classes[majority], "majority_accuracy": float(support[majority] / max(1, support.sum())),
     }
     return metrics, table, cm

@@ -1,12 +1,11 @@
 """``export``: a run's model as ONNX or TorchScript, with its class names and preprocessing beside it in
 ``export.json`` (format, file, classes, preprocess, input size); :class:`ExportedPredictor` predicts from such a
-folder with onnxruntime or torch.jit, finetune.preprocess/images and albumentations only (no timm, no Lightning,
+folder with onnxruntime or torch.jit, finetune.preprocess/images/augment and albumentations only (no timm, no Lightning,
 no recipe code).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -137,9 +136,5 @@ class ExportedPredictor(Predictor):
 
 
 def _eval_pipeline(pre: Preprocess) -> Pipeline:
-    """The serialised evaluation pipeline, rebuilt with albumentations alone (not finetune.augment)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import albumentations as A
-    import albumentations.pytorch  # noqa: F401 - registers ToTensorV2 for from_dict
-
-    return Pipeline(A.from_dict(pre.pipeline))
+    """The serialised evaluation pipeline, rebuilt by finetune.augment (albumentations' from_dict; no timm)."""
+    return pre.eval_transform()

@@ -346,7 +346,7 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
         reasons.append(f"fixed: {fixed}; {how}.")
     if k and bn == "auto":
         reasons.append(
-            f"BatchNorm in the trained groups: " + (
+            "BatchNorm in the trained groups: " + (
                 f"statistics re-estimated from your batches while they train (share {share:.2f} >= "
                 f"{RETRAIN_BN_FROM}: most of the network moves, with enough images to estimate them)."
                 if bn_trained == "train" else

@@ -65,7 +65,7 @@ def lr_columns(log: pd.DataFrame) -> dict[str, str]:
 def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
     """Loss and accuracy at the end of each epoch, and each param group's learning rate during it, on one
     x axis (epochs done); ``groups`` orders the param groups (default: as logged)."""
-    fig = figure(13, 3.8)
+    fig = figure(14, 3.9)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     if log.empty or "epoch" not in log:
         for ax in (ax_loss, ax_acc, ax_lr):
@@ -92,7 +92,8 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
                         linestyle="--" if col == "val_recall" else "-")
     if "val_acc" in log and log["val_acc"].notna().any():
         s = per_epoch("val_acc")
-        ax_acc.axvline(int(s.idxmax()), color="0.6", linestyle=":", label=f"best val accuracy (epoch {s.idxmax()})")
+        k = int(s.idxmax())
+        ax_acc.axvline(k, color="0.6", linestyle=":", label=f"best val accuracy ({k} epoch{'s' * (k > 1)} done)")
     ax_acc.set(title="accuracy", xlabel="epochs done", ylim=(0, 1.02))
     n_epochs = int(log["epoch"].max()) + 1
     for ax in (ax_loss, ax_acc, ax_lr):
@@ -114,17 +115,17 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
         if (s == 0).all():
             fixed.append(name)
             continue
-        x = np.append(s.index.to_numpy(dtype=float), s.index.max() + 1)
-        y = np.append(s.values, s.values[-1]).astype(float)
-        ax_lr.step(x, np.where(y > 0, y, np.nan), where="post", label=name, linewidth=1.5)
-    ax_lr.set(title="learning rate per param group (log scale)", xlabel="epochs done", ylabel="lr")
+        y = s.to_numpy(dtype=float)
+        ax_lr.plot(s.index.to_numpy(dtype=float), np.where(y > 0, y, np.nan), marker=".", label=name, linewidth=1.5)
+    ax_lr.set(title="learning rate per param group at each epoch's start\n(log scale; no point = fixed)",
+              xlabel="epochs done", ylabel="lr")
     if ax_lr.lines:
         ax_lr.set_yscale("log")
-        ax_lr.legend(fontsize=7, ncols=1 + len(ax_lr.lines) // 6, loc="lower right")
+        ax_lr.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax_lr.grid(alpha=0.3)
     if fixed:
-        ax_lr.text(0.02, 0.98, _wrap("fixed (lr 0 throughout): " + ", ".join(fixed), 48), transform=ax_lr.transAxes,
-                   va="top", fontsize=7, color="0.35")
+        ax_lr.text(1.03, 0.0, _wrap("fixed, lr 0 throughout: " + ", ".join(fixed), 28), transform=ax_lr.transAxes,
+                   va="bottom", fontsize=7, color="0.3")
     elif not cols:
         ax_lr.text(0.5, 0.5, "no learning-rate columns in the log", ha="center", va="center",
                    transform=ax_lr.transAxes)
@@ -167,7 +168,7 @@ def per_class(table: pd.DataFrame) -> Figure:
     """Left: training and evaluation images per class; right: precision, recall and F1 of each class on the
     same rows, so a rare class's short bar on the left lines up with its result on the right."""
     classes = table["class"].tolist()
-    fig = figure(12, 1.2 + 0.7 * len(classes))
+    fig = figure(12, 1.6 + 0.7 * len(classes))
     ax_n, ax_m = fig.subplots(1, 2, sharey=True, width_ratios=[1, 1.5])
     y = np.arange(len(classes))
     for i, (col, label) in enumerate([("n_train", "train"), ("support", "evaluated")]):
@@ -178,7 +179,7 @@ def per_class(table: pd.DataFrame) -> Figure:
         ax_n.bar_label(bars, fontsize=8, padding=2)
     ax_n.set_xlim(0, max(1, table[[c for c in ("n_train", "support") if c in table]].to_numpy().max()) * 1.25)
     ax_n.set(title="images per class", xlabel="images")
-    ax_n.legend(fontsize=8, loc="lower right")
+    ax_n.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
     ax_n.set_yticks(y, classes)
     ax_n.invert_yaxis()
     for i, m in enumerate(("precision", "recall", "f1")):
@@ -186,33 +187,40 @@ def per_class(table: pd.DataFrame) -> Figure:
                          label={"f1": "F1", "recall": "recall (share of the class found)",
                                 "precision": "precision (share of its predictions right)"}[m])
         ax_m.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
-    ax_m.set(title="results per class", xlim=(0, 1.18), xlabel="score")
-    ax_m.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax_m.set(title="results per class", xlim=(0, 1.12), xlabel="score")
+    ax_m.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, frameon=False)
     for ax in (ax_n, ax_m):
         ax.grid(axis="x", alpha=0.3)
     return fig
 
 
 def confusion(cm: np.ndarray, classes: Sequence[str]) -> Figure:
-    """Counts, coloured by share of each true class (rows sum to 100%), so a rare class's errors show as
-    strongly as a common one's."""
+    """The confusion matrix twice, counts in every cell: coloured by share of each true class (rows: recall)
+    and by share of each predicted class (columns: precision). With imbalanced classes the two differ: a few
+    errors of a common class are a small share of its row but can be a large share of a rare class's column."""
     cm = np.asarray(cm)
-    rows = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
     n = len(classes)
-    side = min(14, 3.2 + 0.9 * n)
-    fig = figure(side + 1.5, side, layout="compressed")
-    ax = fig.subplots()
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
-                        fontsize=9 if n <= 10 else 6, color="white" if share[i, j] > 0.55 else "black")
-    ax.set_xticks(range(n), list(classes), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
-    ax.set_yticks(range(n), [f"{c} (n={int(r)})" for c, r in zip(classes, rows[:, 0])])
-    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix: count and share of the true class")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class (row)")
+    side = min(9, 2.6 + 0.75 * n)
+    fig = figure(2 * side + 1.2, side + 0.4, layout="compressed")
+    for ax, axis, what in zip(fig.subplots(1, 2), (1, 0), ("true class (row)", "predicted class (column)")):
+        total = cm.sum(axis=axis, keepdims=True)
+        share = np.divide(cm, total, out=np.zeros(cm.shape, dtype=float), where=total > 0)
+        im = ax.imshow(share, cmap="Blues" if axis == 1 else "Oranges", vmin=0, vmax=1)
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    pct = "<1%" if 0 < share[i, j] < 0.005 else f"{share[i, j]:.0%}"
+                    ax.text(j, i, f"{cm[i, j]}\n{pct}", ha="center", va="center", fontsize=9 if n <= 10 else 6,
+                            color="white" if share[i, j] > 0.55 else "black")
+        rows, cols = cm.sum(axis=1), cm.sum(axis=0)
+        ax.set_xticks(range(n), [f"{c}\n({int(k)})" for c, k in zip(classes, cols)], rotation=45 if n > 4 else 0,
+                      ha="right" if n > 4 else "center")
+        ax.set_yticks(range(n), [f"{c} ({int(k)})" for c, k in zip(classes, rows)])
+        ax.set(xlabel="predicted class (images called so)", ylabel="true class (images)" if axis == 1 else "",
+               title=f"share of each {what}:\n" + ("how much of each class is found (recall)" if axis == 1 else
+                                                    "how many of its predictions are right (precision)"))
+        fig.colorbar(im, ax=ax, shrink=0.7, label=f"share of the {what}")
+    fig.suptitle("Confusion matrix: the same counts, coloured two ways", fontsize=12)
     return fig
 
 
@@ -236,7 +244,7 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10, e
     if ece is None:
         gaps = bins["count"] * (bins["accuracy"] - bins["confidence"]).abs()
         ece = float(np.nansum(gaps) / max(1, bins["count"].sum()))
-    fig = figure(6.5, 6.5)
+    fig = figure(7, 7)
     ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     width = 1 / n_bins
     mid = (bins["low"] + bins["high"]) / 2
@@ -246,8 +254,12 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10, e
     ax.bar(mid[have], (bins["accuracy"] - bins["confidence"]).abs()[have], bottom=gap_low, width=width * 0.95,
            color="none", edgecolor="#c44e52", hatch="//", label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "--", color="0.4", label="perfect calibration")
+    acc, conf = float(np.mean(correct)), float(np.mean(confidence))
+    way = ("underconfident: right more often than it says" if acc - conf > 0.02 else
+           "overconfident: right less often than it says" if conf - acc > 0.02 else "about as often right as it says")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
-           title=f"Reliability: expected calibration error {ece:.3f} ({n_bins} bins)")
+           title=f"Reliability: expected calibration error {ece:.3f} ({n_bins} bins)\n"
+                 f"accuracy {acc:.2f}, mean confidence {conf:.2f}:\n{way}")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     bars = ax_n.bar(mid, bins["count"], width=width * 0.95, color="0.55")

@@ -30,13 +30,12 @@ h3{font-size:16px;margin:20px 0 6px}.sub{color:#666;margin:0 0 14px}
 ul.notes li{margin:4px 0}.warn{color:#a00000}
 figure{margin:14px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:13px}
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}
 table{border-collapse:collapse;font-size:14px;margin:8px 0}
 th,td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}th{background:#f0f0f0}
 td:first-child,th:first-child{text-align:left}
 td.bar{position:relative;min-width:120px}td.bar div{position:absolute;left:0;top:3px;bottom:3px;opacity:.35}
 td.bar span{position:relative}
-pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:12.5px;line-height:1.35}
+pre{background:#f4f4f4;padding:10px;overflow-x:auto;white-space:pre-wrap;font-size:12.5px;line-height:1.35}
 details summary{cursor:pointer;font-weight:600;margin:8px 0}
 """
 
@@ -86,7 +85,7 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
 
         parts.append(f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({ev.metrics['n']} images)</h2>")
         parts.append(f"<p class=sub>checkpoint {_e(ev.checkpoint)}; files in {_e(str(ev.folder))}</p>")
-        parts.append("<div class=pair>" + _picture(ev, "confusion.png") + _picture(ev, "calibration.png") + "</div>")
+        parts.append(_picture(ev, "confusion.png") + _picture(ev, "calibration.png"))
         parts.append(_picture(ev, "wrong.png"))
     else:
         parts.append("<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) +
@@ -109,7 +108,7 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
     parts.append("<h2>Freeze plan</h2><p>What stayed fixed, what trained at which rate, and why:</p>")
     parts.append(f"<pre>{_e(_read(run.path / 'plan.txt'))}</pre>")
     parts.append("<h2>Configuration</h2>")
-    parts.append(_text_file(run.path / "recipe.yaml", "recipe.yaml (the resolved recipe)", open_=True))
+    parts.append(_text_file(run.path / "recipe.yaml", "recipe.yaml (the resolved recipe: click to open)"))
     parts.append(f"<p class=sub>report written {time.strftime('%Y-%m-%d %H:%M')}</p>")
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
             f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
@@ -126,7 +125,7 @@ def notes(run: Run, ev: Evaluation | None) -> list[str]:
         if ratio >= 1.5:
             out.append(f"<b class=warn>Imbalanced training data:</b> {_e(hi)} has {train[hi]} images, {_e(lo)} "
                        f"{train[lo]} ({ratio:.1f}x fewer). Loss balancing in this run: "
-                       f"<code>loss.balance: {_e(run.recipe.loss.balance)}</code>.")
+                       f"<code>loss.balance: {_e(run.recipe.loss.balance)}</code>." + _plan_note(run, train[lo]))
         else:
             out.append(f"Training classes are balanced ({train.min()} to {train.max()} images a class).")
     if ev is None:
@@ -137,36 +136,68 @@ def notes(run: Run, ev: Evaluation | None) -> list[str]:
                f"{m['majority_accuracy']:.3f}. Balanced accuracy (mean recall over classes) is "
                f"{m['balanced_accuracy']:.3f}" + (f": {gap:.3f} lower, so the common classes carry the accuracy."
                                                    if gap > 0.03 else "."))
-    present = t[t["support"] > 0]
-    if len(present):
-        worst = present.loc[present["recall"].idxmin()]
-        row = ev.classes.index(worst["class"])
-        errs = ev.confusion[row].copy()
-        errs[row] = 0
-        where = ""
-        if errs.sum():
-            j = int(np.argmax(errs))
-            where = f"; most of its misses ({errs[j]} of {errs.sum()}) are called {_e(ev.classes[j])}"
-        out.append(f"Weakest class: <b>{_e(worst['class'])}</b>, {worst['recall']:.0%} of its {worst['support']} "
-                   f"images found (recall), {worst['precision']:.0%} of the images called {_e(worst['class'])} "
-                   f"right (precision){where}.")
-    ece = m["ece"]
-    out.append(f"Calibration error (ECE) {ece:.3f}: " + ("confidences match how often the model is right."
-                                                         if ece < 0.05 else
-                                                         "the stated confidence is off by this much on average; "
-                                                         "see the reliability diagram."))
+    worst = _weakest(t)
+    if worst is not None:
+        name, k = worst["class"], ev.classes.index(worst["class"])
+        misses, false = ev.confusion[k].copy(), ev.confusion[:, k].copy()
+        misses[k] = false[k] = 0
+        if worst["recall"] <= worst["precision"] and misses.sum():
+            j = int(np.argmax(misses))
+            why = f"most of its misses ({misses[j]} of {misses.sum()}) are called {_e(ev.classes[j])}"
+        elif false.sum():
+            j = int(np.argmax(false))
+            why = f"most of the wrong {_e(name)} calls ({false[j]} of {false.sum()}) are {_e(ev.classes[j])} images"
+        else:
+            why = ""
+        out.append(f"Weakest class (lowest F1): <b>{_e(name)}</b>. {worst['recall']:.0%} of its {worst['support']} "
+                   f"images are found (recall) and {worst['precision']:.0%} of the {worst['predicted']} images "
+                   f"called {_e(name)} are {_e(name)} (precision)" + (f"; {why}." if why else "."))
+    out.append(_calibration_note(run, m))
     return out
+
+
+def _weakest(t: pd.DataFrame) -> pd.Series | None:
+    """The class with the lowest F1 among those with images (ties: the lower recall)."""
+    present = t[t["support"] > 0]
+    return None if present.empty else present.sort_values(["f1", "recall"], kind="stable").iloc[0]
+
+
+def _plan_note(run: Run, smallest: int) -> str:
+    """The automatic freeze rule counts images a class on average; say so when the rarest class has far fewer."""
+    inputs = run.plan.inputs
+    if not inputs.get("n_classes"):
+        return ""
+    mean = inputs["n_train"] / inputs["n_classes"]
+    return (f" The freeze plan was chosen for {mean:.0f} images a class on average; the rarest class has {smallest}."
+            if mean >= 1.5 * smallest else "")
+
+
+def _calibration_note(run: Run, m: dict) -> str:
+    ece, acc, conf = m["ece"], m["accuracy"], m.get("mean_confidence")
+    if ece < 0.05 or conf is None:
+        return (f"Calibration error (ECE) {ece:.3f}: " + ("confidences match how often the model is right."
+                                                          if ece < 0.05 else "see the reliability diagram."))
+    if acc > conf:
+        loss = run.recipe.loss
+        causes = ([f"label smoothing ({loss.label_smoothing:g}) keeps confidences below 1"]
+                  if loss.label_smoothing > 0 else [])
+        if loss.balance == "weights":
+            causes.append("the class-weighted loss moves probability towards the rare classes")
+        return (f"<b>Underconfident</b> (ECE {ece:.3f}): right {acc:.0%} of the time, mean confidence {conf:.0%}"
+                + (f"; in this run {' and '.join(causes)}." if causes else ".")
+                + " Read its probabilities as a ranking, not as chances.")
+    return (f"<b class=warn>Overconfident</b> (ECE {ece:.3f}): mean confidence {conf:.0%}, right {acc:.0%} of the "
+            f"time: its probabilities overstate the chance of being right.")
 
 
 def _tiles(ev: Evaluation) -> str:
     m, t = ev.metrics, ev.per_class
-    present = t[t["support"] > 0]
-    worst = present.loc[present["recall"].idxmin()] if len(present) else None
+    worst = _weakest(t)
     tiles = [(f"{m['accuracy']:.3f}", "accuracy", False),
-             (f"{m['majority_accuracy']:.3f}", f"always '{m['majority_class']}'", False),
+             (f"{m['majority_accuracy']:.3f}", f"always answering '{m['majority_class']}'", False),
              (f"{m['balanced_accuracy']:.3f}", "balanced accuracy", m["accuracy"] - m["balanced_accuracy"] > 0.03)]
     if worst is not None:
-        tiles.append((f"{worst['recall']:.3f}", f"recall of {worst['class']} (weakest)", worst["recall"] < 0.7))
+        tiles.append((f"{worst['f1']:.3f}", f"F1 of {worst['class']} (weakest class)", worst["f1"] < 0.8))
     tiles += [(f"{m['macro_f1']:.3f}", "macro F1", False), (f"{m['top1_error']:.3f}", "top-1 error", False)]
     if m.get("top5_error") is not None:
         tiles.append((f"{m['top5_error']:.3f}", "top-5 error", False))
@@ -197,8 +228,9 @@ def _epoch_table(run: Run) -> str:
         return "<p>No training log.</p>"
     keep = [c for c in ("epoch", "train_loss_epoch", "train_acc", "val_loss", "val_acc", "val_recall", "val_top5")
             if c in df]
-    df = df[keep].rename(columns={"train_loss_epoch": "train_loss", "val_recall": "val_balanced_acc"})
-    df["epoch"] = df["epoch"].astype(int)
+    df = df[keep].rename(columns={"epoch": "epochs done", "train_loss_epoch": "train_loss",
+                                  "val_recall": "val_balanced_acc"})
+    df["epochs done"] = df["epochs done"].astype(int) + 1  # as on the curves' x axis
     return _table(df, floats="{:.4f}")
 
 

@@ -125,10 +125,28 @@ def test_notes_spell_out_imbalance_and_its_effect(run, ev, tmp_path):
                       metrics=metrics, per_class=table, confusion=cm)
     text = " ".join(re.sub(r"<[^>]+>", "", n) for n in notes(skewed, fake))
     assert "Imbalanced training data" in text and "12.0x fewer" in text and "loss.balance: none" in text
-    assert "Weakest class: gravel, 20% of its 10 images found" in text and "(5 of 8) are called grass" in text
+    assert "freeze plan was chosen for 48 images a class on average; the rarest class has 4" in text
+    assert "Weakest class (lowest F1): gravel. 20% of its 10 images are found" in text
+    assert "100% of the 2 images called gravel are gravel (precision); most of its misses (5 of 8) are called grass" in text
     assert "always answering brick would score 0.476" in text
     balanced = " ".join(notes(run, ev))
     assert "balanced (48 to 48 images a class)" in balanced and "Imbalanced" not in balanced
+
+
+def test_notes_name_false_alarms_when_precision_is_the_problem(run, ev):
+    cm = np.array([[68, 0, 1], [3, 780, 22], [0, 0, 71]])  # BCCD-like: the rare class gets the common one's errors
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    precision, recall = tp / predicted, tp / support
+    table = pd.DataFrame({"class": ev.classes, "support": support, "predicted": predicted, "precision": precision,
+                          "recall": recall, "f1": 2 * precision * recall / (precision + recall)})
+    metrics = dict(ev.metrics, accuracy=tp.sum() / cm.sum(), balanced_accuracy=recall.mean(), ece=0.02)
+    fake = Evaluation(folder=ev.folder, run=run.path, data="tex", split="val", checkpoint="x", classes=ev.classes,
+                      metrics=metrics, per_class=table, confusion=cm)
+    text = " ".join(re.sub(r"<[^>]+>", "", n) for n in notes(run, fake))
+    assert "Weakest class (lowest F1): gravel. 100% of its 71 images are found" in text
+    assert "76% of the 94 images called gravel are gravel (precision)" in text
+    assert "most of the wrong gravel calls (22 of 23) are grass images" in text
+    assert "confidences match" in text
 
 
 def test_curves_show_each_trained_groups_learning_rate(run):
