@@ -4,7 +4,6 @@ import contextlib
 import csv
 import math
 import os
-import pickle
 import re
 import shutil
 import signal

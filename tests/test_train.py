@@ -1,7 +1,6 @@
 """End to end: a folder of real images (scikit-image textures) to a trained run, reloaded and predicted."""
 import json
 
-import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -10,7 +9,7 @@ from finetune import fit
 from finetune.examples import texture_folder
 from finetune.predict import Predictor
 from finetune.recipe import list_recipes
-from finetune.run import Run, RunError
+from finetune.run import RunError
 
 FAST = ["train.epochs=2", "image.size=48", "train.batch_size=16", "train.num_workers=0"]
 
@@ -51,12 +50,10 @@ def test_fit_lowers_loss_writes_run_and_reloads_identically(textures, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pred.predict(x), model(x).softmax(-1), rtol=0, atol=0)
     # and training lowered the loss on the training images
-    start = torch.nn.Module()
     fresh = Predictor.load(run.path, checkpoint="last").model
     fresh.load_state_dict(cap.start)
     labels = [run.classes.index(c) for c in items["label"]]
     assert _train_loss(model, pred, items["path"], labels) < _train_loss(fresh, pred, items["path"], labels)
-    del start
     # predictions as a table
     table = pred.predict_paths([textures / "val"], top_k=2)
     assert list(table.columns) == ["path", "label_1", "prob_1", "label_2", "prob_2"]
