@@ -1,7 +1,7 @@
 """``export``: a run's model as ONNX or TorchScript, with its class names and preprocessing beside it in
 ``export.json`` (format, file, classes, preprocess, input size); :class:`ExportedPredictor` predicts from such a
-folder with onnxruntime or torch.jit, finetune.preprocess/images/augment and albumentations only (no timm, no Lightning,
-no recipe code).
+folder with onnxruntime or torch.jit, finetune.preprocess/images/augment (with the recipe schema augment reads)
+and albumentations only: no timm, no Lightning, none of the training code.
 """
 from __future__ import annotations
 

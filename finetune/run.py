@@ -178,6 +178,7 @@ class Run:
         df = pd.concat(frames, ignore_index=True)
         if "epoch" not in df:
             return df
+        df["epoch"] = df["epoch"].bfill()  # learning rates are logged at an epoch's start, before its first row
         return df.groupby("epoch", as_index=False).last()
 
 

@@ -73,8 +73,8 @@ def test_export_predicts_without_training_code(fmt, exports, textures):
         f"t = p.predict_paths([{str(textures / 'val' / 'grass')!r}], top_k=1)\n"
         "assert len(t) == 16, t\n"
         "heavy = {'timm', 'pytorch_lightning', 'lightning_fabric', 'torchmetrics', 'matplotlib'}\n"
-        "ours = {'finetune.recipe', 'finetune.augment', 'finetune.train', 'finetune.run', 'finetune.backbone',\n"
-        "        'finetune.module', 'finetune.freeze'}\n"
+        "ours = {'finetune.train', 'finetune.run', 'finetune.backbone', 'finetune.module', 'finetune.freeze',\n"
+        "        'finetune.datamodule', 'finetune.stages'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in ours))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
