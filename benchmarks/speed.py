@@ -382,15 +382,14 @@ def cmd_loading(a: argparse.Namespace) -> None:
     data = dataset(a)
     recipe = load_recipe("natural", [f"train.batch_size={a.batch}"] + ([f"image.size={a.size}"] if a.size else []))
     items, classes, _ = prepare(data, recipe)
-    model = create_backbone(recipe.backbone.name, len(classes))
+    model = create_backbone(recipe.backbone.name, len(classes)).train()
     pre = _preprocess(recipe, model, items)
     tf = Pipeline(augment.build_transforms(recipe, pre.config, train=True))
     train = items[items["split"] == "train"].reset_index(drop=True)
     ds = SeededDataset(ImageDataset(train, {c: i for i, c in enumerate(classes)}, channels=pre.channels,
                                     transform=tf, intensity=pre.intensity_fn()), tf)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x0 = torch.stack([ds[(i, i)][0] for i in range(a.batch)])
-    y0 = torch.zeros(a.batch, dtype=torch.long)
+    model.train()
 
     def decode(n=a.batch * 2):
         t0 = time.perf_counter()
@@ -398,36 +397,27 @@ def cmd_loading(a: argparse.Namespace) -> None:
             ds[(i % len(ds), i)]
         return n / (time.perf_counter() - t0)
 
-    def step():
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x0), y0).backward()
-        opt.step()
-        return a.batch / (time.perf_counter() - t0)
-
-    model.train()
-    step()
-    loads, steps = [], []
-    for _ in range(a.rounds):
-        loads.append(decode())
-        steps.append(step())
-    epochs: dict[int, list[float]] = {w: [] for w in a.workers}
+    loads, epochs, steps = [], {w: [] for w in a.workers}, []
     loaders = {w: DataLoader(ds, batch_size=a.batch, sampler=EpochSampler(len(ds), 0), num_workers=w,
                              persistent_workers=w > 0) for w in a.workers}
     for r in range(a.rounds + 1):  # round 0 starts the workers and is not counted
+        loads.append(decode())
         for w, dl in loaders.items():
             dl.sampler.set_epoch(r)
-            t0 = time.perf_counter()
+            t0, compute = time.perf_counter(), 0.0
             for x, y in dl:
+                t1 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
+                compute += time.perf_counter() - t1
             if r:
                 epochs[w].append(time.perf_counter() - t0)
+                steps.append(len(ds) / compute)
     best = min(epochs, key=lambda w: median(epochs[w]))
     lines = ["| measurement | value |", "|:---|---:|",
              f"| decode + augment, one process | {median(loads):.0f} images/s |",
-             f"| training step (forward, backward, AdamW) | {median(steps):.0f} images/s |",
+             f"| training steps (forward, backward, AdamW; data waits excluded) | {median(steps):.1f} images/s |",
              f"| **loading / model throughput** | **{median(loads) / median(steps):.1f}** |"]
     for w in a.workers:
         lines.append(f"| training epoch with {w} loader worker(s) | {median(epochs[w]):.2f} s "
