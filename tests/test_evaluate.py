@@ -9,22 +9,15 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torchmetrics.classification import MulticlassCalibrationError
 
-from finetune import fit, plots
+from finetune import plots
 from finetune.cli import main
 from finetune.evaluate import PICTURES, Evaluation, evaluate, score
-from finetune.examples import texture_folder
 
-TINY = ["train.epochs=1", "image.size=32", "train.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
-def textures(tmp_path_factory):
-    return texture_folder(tmp_path_factory.mktemp("data") / "tex")
-
-
-@pytest.fixture(scope="module")
-def run(textures, tmp_path_factory):
-    return fit(textures, "natural", out=tmp_path_factory.mktemp("runs"), name="r", overrides=TINY, progress=False)
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

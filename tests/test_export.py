@@ -8,23 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune import fit
 from finetune.cli import main
-from finetune.examples import texture_folder
 from finetune.export import ExportedPredictor, export
 from finetune.predict import Predictor, expand_paths
 
-TINY = ["train.epochs=1", "image.size=32", "train.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
-def textures(tmp_path_factory):
-    return texture_folder(tmp_path_factory.mktemp("data") / "tex")
-
-
-@pytest.fixture(scope="module")
-def run(textures, tmp_path_factory):
-    return fit(textures, "natural", out=tmp_path_factory.mktemp("runs"), name="r", overrides=TINY, progress=False)
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
