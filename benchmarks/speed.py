@@ -354,13 +354,13 @@ def cmd_overhead(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = fit(data, "natural", out=tmp, overrides=overrides, progress=a.progress, callbacks=[clock])
         backbone = run.recipe.backbone.name
-    lines = ["| clock | fit() epoch s | bare loop epoch s | ratio of medians | ratio epoch by epoch: median (range) |",
+    lines = ["| clock | fit() epoch s | bare loop epoch s | ratio, median over epoch pairs (range) | ratio of medians |",
              "|:---|---:|---:|---:|---:|"]
     for c, what in enumerate(["wall", "CPU (this process)"]):
         k, b = [e[c] for e in clock.kit[1:]], [e[c] for e in clock.bare[1:]]  # the first epochs start workers
         pairs = [x / y for x, y in zip(k, b)]
-        lines.append(f"| {what} | {median(k):.2f} | {median(b):.2f} | **{median(k) / median(b):.3f}** | "
-                     f"{median(pairs):.3f} ({min(pairs):.3f}-{max(pairs):.3f}) |")
+        lines.append(f"| {what} | {median(k):.2f} | {median(b):.2f} | **{median(pairs):.3f}** "
+                     f"({min(pairs):.3f}-{max(pairs):.3f}) | {median(k) / median(b):.3f} |")
     report(a, f"{data.name}, {backbone} full fine-tuning, batch {a.batch}, image size {a.size or 'the model default'}, "
               f"{workers} loader worker(s) in both, {a.epochs} epochs of each loop, interleaved epoch by epoch "
               f"(the first not counted); an epoch is training plus validation; fit() with its progress bar "
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, batch, size, epochs, rounds in [("freeze", 16, 128, 0, 3), ("cache", 32, None, 4, 1),
-                                              ("overhead", 32, None, 6, 1), ("loading", 32, None, 0, 3)]:
+                                              ("overhead", 32, None, 8, 1), ("loading", 32, None, 0, 3)]:
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
         s.add_argument("--batch", type=int, default=batch)

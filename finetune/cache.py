@@ -43,35 +43,36 @@ def decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict
     layers use running statistics: caching then changes nothing but speed. ``true`` caches any linear probe:
     random augmentation is skipped and BN uses running statistics. ``false`` never caches.
     """
-    use, why = _decide(recipe, plan, train_pipeline, eval_pipeline)
-    forced = recipe.train.cache_features is True
-    if plan.is_probe or forced:
-        log.log(logging.WARNING if forced and (not use or "skipped" in why) else logging.INFO, "features: %s", why)
+    use, why, warn = _decide(recipe, plan, train_pipeline, eval_pipeline)
+    if plan.is_probe or recipe.train.cache_features is True:
+        log.log(logging.WARNING if warn else logging.INFO, "features: %s", why)
     return use, why
 
 
-def _decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str]:
+def _decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str, bool]:
+    """(use the cache, why, whether a forced setting skips something or does nothing)."""
     setting = recipe.train.cache_features
     if setting is False:
-        return False, "train.cache_features is false"
+        return False, "train.cache_features is false", False
     if not plan.is_probe:
         return False, ("the plan trains backbone groups, so their features change every step (only linear probes "
-                       "are cached; the fixed prefix still costs a forward pass only)")
+                       "are cached; the fixed prefix still costs a forward pass only)"), setting is True
     live_bn = [g.name for g in plan.groups if g.kind != "head" and g.bn == "train"]
-    random = train_pipeline != eval_pipeline
+    augmented = train_pipeline != eval_pipeline
     if setting is True:
-        skipped = [w for w, on in [("the training augmentation", random),
+        skipped = [w for w, on in [("the training augmentation", augmented),
                                    (f"batch statistics in BN of {', '.join(live_bn)}", live_bn)] if on]
         return True, ("train.cache_features is true: the linear probe trains on cached features of the evaluation "
-                      "pipeline" + (f"; skipped: {' and '.join(skipped)}" if skipped else ""))
-    if random:
-        return False, ("the training pipeline is random (augmentation), so features differ every epoch; "
-                       "train.cache_features=true trains this linear probe on cached un-augmented features instead "
-                       "(usually 20x or more faster an epoch)")
+                      "pipeline" + (f"; skipped: {' and '.join(skipped)}" if skipped else "")), bool(skipped)
+    if augmented:
+        return False, ("the training pipeline is not the evaluation pipeline (augmentation), so features differ "
+                       "every epoch; train.cache_features=true trains this linear probe on cached features of "
+                       "un-augmented images instead (20x or more faster an epoch)"), False
     if live_bn:
-        return False, f"BN of {', '.join(live_bn)} uses batch statistics (freeze.bn: train), so features vary by batch"
-    return True, ("linear probe with a deterministic training pipeline (the evaluation pipeline): the backbone's "
-                  "features are computed once and cached")
+        return False, (f"BN of {', '.join(live_bn)} uses batch statistics (freeze.bn: train), so features vary "
+                       f"by batch"), False
+    return True, ("linear probe whose training pipeline is the evaluation pipeline: the backbone's features are "
+                  "computed once and cached"), False
 
 
 def weights_hash(model: torch.nn.Module) -> str:

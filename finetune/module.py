@@ -99,7 +99,7 @@ class Classifier(pl.LightningModule):
                 f"the last good checkpoint is kept. Lower optim.lr (now {self.recipe.optim.lr:g}), try "
                 f"train.precision: 32-true, or check the data for broken images.")
         self.train_acc(logits.detach(), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 

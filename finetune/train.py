@@ -60,7 +60,8 @@ def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: i
             raise ValueError("freeze.domain: measure needs the measured distance: train.measured_distance(data, recipe)")
         distance = measured
     d = distance if distance is not None else freeze.DOMAINS[domain]
-    bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size)
+    bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size,
+                                            n_train / max(n_classes, 1))
     if f.bn != "auto":
         bn_fixed = bn_trained = f.bn
     kw = dict(bn_fixed=bn_fixed, bn_trained=bn_trained, epochs=t.epochs, probe_epochs=f.probe_epochs)
@@ -146,8 +147,9 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
                         extra={"preprocess": pre.to_dict()})
     has_val = bool((items["split"] == "val").any())
+    # the best epoch's weights (for evaluate/export/predict); the optimizer state that resuming needs is in last
     best = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
-                           monitor="val_acc" if has_val else None, mode="max", save_top_k=1)
+                           monitor="val_acc" if has_val else None, mode="max", save_top_k=1, save_weights_only=True)
     # every epoch, whatever the score: a crash never costs more than the epoch in progress
     last = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            enable_version_counter=False)
