@@ -22,7 +22,8 @@ SCHEDULES = ("none", "lp-ft", "gradual")
 #: hymenoptera, scikit-image's ihc tiles, bccd_cells and mitocheck_cells with tf_efficientnet_lite0.
 DOMAINS = {"natural": 0.07, "histology": 0.25, "microscopy": 0.9, "fluorescence": 0.81}
 ADAPT_FROM = 0.4  # distance from which a domain counts as far (the trade-off note)
-RETRAIN_BN_FROM = 0.6  # trainable share from which trained groups re-estimate BN statistics (train mode)
+RETRAIN_BN_FROM = 0.6  # trainable share from which trained groups re-estimate BN statistics (train mode) ...
+RETRAIN_BN_PER_CLASS = 500  # ... given this many training images a class (measured: docs/freeze.md)
 _BN = (torch.nn.modules.batchnorm._BatchNorm,)
 _HANDLES = "_finetune_hold_handles"
 
@@ -278,10 +279,12 @@ def data_score(n_train: int, n_classes: int) -> float:
     return min(1.0, max(0.0, math.log10(per_class) / 3))
 
 
-def bn_policy(share: float, batch_size: int = 32) -> tuple[str, str]:
+def bn_policy(share: float, batch_size: int = 32, per_class: float = math.inf) -> tuple[str, str]:
     """BN modes (fixed groups, trained groups): ImageNet's statistics everywhere, except trained groups of a
-    plan that moves most of the network (share >= RETRAIN_BN_FROM) with batches of 16 or more."""
-    return "frozen", ("train" if share >= RETRAIN_BN_FROM and batch_size >= 16 else "frozen")
+    plan that moves most of the network (share >= RETRAIN_BN_FROM), from RETRAIN_BN_PER_CLASS images a class and
+    with batches of 16 or more."""
+    retrain = share >= RETRAIN_BN_FROM and per_class >= RETRAIN_BN_PER_CLASS and batch_size >= 16
+    return "frozen", ("train" if retrain else "frozen")
 
 
 def trainable_share(n_train: int, n_classes: int, distance: float) -> float:
@@ -323,7 +326,7 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
     depth = len(body) - k
     base = 0.1 + 0.3 * d
     decay = lr_decay if lr_decay is not None else 0.6 + 0.3 * d
-    bn_fixed, bn_trained = bn_policy(share, batch_size) if bn == "auto" else (bn, bn)
+    bn_fixed, bn_trained = bn_policy(share, batch_size, per_class) if bn == "auto" else (bn, bn)
     sched = ("lp-ft" if k > 0 and epochs >= 3 else "none") if schedule == "auto" else schedule
     far = ("far from ImageNet's natural photos" if d >= 0.6 else
            "midway between ImageNet's natural photos and far domains such as microscopy" if d >= ADAPT_FROM else
@@ -345,14 +348,18 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
                                                                          "stay ImageNet's")
         reasons.append(f"fixed: {fixed}; {how}.")
     if k and bn == "auto":
-        reasons.append(
-            "BatchNorm in the trained groups: " + (
-                f"statistics re-estimated from your batches while they train (share {share:.2f} >= "
-                f"{RETRAIN_BN_FROM}: most of the network moves, with enough images to estimate them)."
-                if bn_trained == "train" else
-                f"ImageNet's statistics kept, scale and shift train (share {share:.2f} < {RETRAIN_BN_FROM}: with "
-                f"few images, re-estimated statistics are noisier than ImageNet's and would differ between "
-                f"training and evaluation)."))
+        if bn_trained == "train":
+            why = (f"statistics re-estimated from your batches while they train (share {share:.2f} >= "
+                   f"{RETRAIN_BN_FROM} and {per_class:.0f} >= {RETRAIN_BN_PER_CLASS} images a class: most of the "
+                   f"network moves, with enough images to estimate its statistics).")
+        else:
+            short = [f"share {share:.2f} < {RETRAIN_BN_FROM}"] if share < RETRAIN_BN_FROM else []
+            short += [f"{per_class:.0f} < {RETRAIN_BN_PER_CLASS} images a class"] if per_class < RETRAIN_BN_PER_CLASS else []
+            short += [f"batches of {batch_size} < 16"] if batch_size < 16 else []
+            why = (f"ImageNet's statistics kept, scale and shift train ({' and '.join(short)}: statistics "
+                   f"re-estimated from few images are noisier than ImageNet's and differ between training and "
+                   f"evaluation; measured, they cost accuracy at 10 and 100 images a class).")
+        reasons.append("BatchNorm in the trained groups: " + why)
     if k:
         reasons.append(
             f"trained backbone groups learn at {base:.2f}x the head's rate next to the head, x{decay:.2f} per group "
