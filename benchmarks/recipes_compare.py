@@ -83,6 +83,9 @@ def summary(rows: list[dict]) -> str:
     import pandas as pd
     df = pd.DataFrame(rows).astype({"val_acc": float, "val_recall": float, "wall_s": float})
     keys = ["dataset", "per_class", "epochs", "image_size"]
+    df["_d"] = df["dataset"].map({d: i for i, d in enumerate(DATASETS)})
+    df["_n"] = pd.to_numeric(df["per_class"], errors="coerce").fillna(float("inf"))  # "all" last
+    df = df.sort_values(["_d", "_n", "epochs"], kind="stable")
     lines = ["| dataset | images a class | epochs | recipe | auto plan: fixed depth, schedule | seeds | val_acc | "
              "val_recall | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for k, g in df.groupby(keys, sort=False):

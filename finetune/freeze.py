@@ -23,7 +23,7 @@ SCHEDULES = ("none", "lp-ft", "gradual")
 DOMAINS = {"natural": 0.07, "histology": 0.25, "microscopy": 0.9, "fluorescence": 0.81}
 ADAPT_FROM = 0.4  # distance from which a domain counts as far (the trade-off note)
 RETRAIN_BN_FROM = 0.6  # trainable share from which trained groups re-estimate BN statistics (train mode) ...
-RETRAIN_BN_PER_CLASS = 500  # ... given this many training images a class (measured: docs/freeze.md)
+RETRAIN_BN_PER_CLASS = 1000  # ... given this many training images a class (measured: docs/freeze.md)
 _BN = (torch.nn.modules.batchnorm._BatchNorm,)
 _HANDLES = "_finetune_hold_handles"
 
