@@ -152,11 +152,8 @@ def predict_plan(dataset: str, csv_path: Path, recipe: str, overrides: list[str]
                                 in_chans=augment.model_channels(r), drop_rate=b.drop_rate)
         _PREDICT_CACHE[key] = items, classes, model
     items, classes, model = _PREDICT_CACHE[key]
-    sample = None
-    if r.freeze.domain == "measure":
-        pre = T._preprocess(r, model, items)
-        sample = T._sample_batches(items, classes, pre, r.train.batch_size)
-    plan = T.make_plan(model, r, int((items["split"] == "train").sum()), len(classes), sample)
+    measured = T.measured_distance(DATASETS / dataset, r, csv=csv_path)
+    plan = T.make_plan(model, r, int((items["split"] == "train").sum()), len(classes), measured)
     return plan_summary(plan.state_dict())
 
 

@@ -165,10 +165,7 @@ class FeatureDataModule(pl.LightningDataModule):
     def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], images: ImageDataModule):
         super().__init__()
         self.splits, self.batch_size, self.seed = splits, images.batch_size, images.seed
-        self.weights = None
-        if images.balance == "sampler":
-            labels = images._part("train")["label"]
-            self.weights = (1.0 / labels.map(labels.value_counts())).to_numpy()
+        self.weights = images.sampler_weights()
 
     def _loader(self, split: str, sampler=None) -> DataLoader:
         return DataLoader(FeatureDataset(*self.splits[split]), batch_size=self.batch_size, sampler=sampler)

@@ -91,13 +91,17 @@ class ImageDataModule(pl.LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available(), drop_last=False)
 
+    def sampler_weights(self) -> np.ndarray | None:
+        """Per training image 1 / its class's count with ``loss.balance: sampler`` (classes drawn equally), else None."""
+        if self.balance != "sampler":
+            return None
+        labels = self._part("train")["label"]
+        return (1.0 / labels.map(labels.value_counts())).to_numpy()
+
     def train_dataloader(self) -> DataLoader:
         base = self.dataset("train", train_transform=True)
-        weights = None
-        if self.balance == "sampler":
-            labels = self._part("train")["label"]
-            weights = (1.0 / labels.map(labels.value_counts())).to_numpy()
-        return self._loader(SeededDataset(base, self.train_transform), EpochSampler(len(base), self.seed, weights))
+        return self._loader(SeededDataset(base, self.train_transform),
+                            EpochSampler(len(base), self.seed, self.sampler_weights()))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"))

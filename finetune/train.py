@@ -59,10 +59,15 @@ def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: i
         if measured is None:
             raise ValueError("freeze.domain: measure needs the measured distance: train.measured_distance(data, recipe)")
         distance = measured
-    d = distance if distance is not None else freeze.DOMAINS[domain]
-    bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size,
-                                            n_train / max(n_classes, 1))
-    if f.bn != "auto":
+    if f.mode == "auto":
+        return freeze.auto(model, n_train=n_train, n_classes=n_classes, domain=domain, distance=distance,
+                           epochs=t.epochs, batch_size=t.batch_size, bn=f.bn, schedule=f.schedule,
+                           probe_epochs=f.probe_epochs, lr_decay=f.lr_decay)
+    if f.bn == "auto":  # a plan by hand still gets the automatic BN policy for its data
+        d = distance if distance is not None else freeze.DOMAINS[domain]
+        bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size,
+                                                n_train / max(n_classes, 1))
+    else:
         bn_fixed = bn_trained = f.bn
     kw = dict(bn_fixed=bn_fixed, bn_trained=bn_trained, epochs=t.epochs, probe_epochs=f.probe_epochs)
     sched = "none" if f.schedule == "auto" else f.schedule
@@ -70,12 +75,7 @@ def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: i
         return freeze.full(model, schedule=sched, **kw)
     if f.mode == "probe":
         return freeze.probe(model, **kw)
-    if f.mode == "fixed":
-        return freeze.fixed(model, f.depth, schedule=sched, **kw)
-    return freeze.auto(model, n_train=n_train, n_classes=n_classes, domain=domain, distance=distance,
-                       epochs=t.epochs, batch_size=t.batch_size, bn=f.bn, schedule=f.schedule,
-                       probe_epochs=f.probe_epochs, lr_decay=f.lr_decay)
-
+    return freeze.fixed(model, f.depth, schedule=sched, **kw)
 
 def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = None, *, csv: str | Path | None = None,
         out: str | Path = "runs", name: str | None = None, overrides: dict | list | None = None,

@@ -15,6 +15,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on two shared cores, two threads ran tiny training steps 20x slower (spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def textures(tmp_path_factory):
     """A real 3-class image folder (scikit-image's textures), made once per session."""

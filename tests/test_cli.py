@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 from finetune.cli import main
@@ -13,13 +12,7 @@ from finetune.cli import main
 TINY = ["--epochs", "1", "--image-size", "16", "--batch-size", "8", "--no-progress", "--set", "train.num_workers=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on two shared cores, two threads ran these tiny steps 20x slower (spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(path: Path, seed: int) -> None:

@@ -37,13 +37,7 @@ from finetune.run import AtomicCheckpointIO, Run, RunError, load_checkpoint
 TINY = ["train.epochs=1", "image.size=16", "train.batch_size=8", "train.num_workers=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on two shared cores, two threads ran these tiny steps 20x slower (spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +106,7 @@ def reported(textures, tmp_path_factory):
     for i, (name, (write, _)) in enumerate(BROKEN.items()):
         write(data / "train" / ["brick", "grass", "gravel"][i % 3] / name)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures start before the autouse one_thread
+    torch.set_num_threads(1)  # module fixtures start before the per-test one_thread
     with no_network() as attempts:
         with pytest.raises(OSError):  # the guard works
             socket.create_connection(("127.0.0.1", 9))
