@@ -1,7 +1,6 @@
 """Lightning data wiring: datasets from a scanned item table, seeded samplers, loader settings."""
 from __future__ import annotations
 
-import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -10,17 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import ImageDataset
-
-
-def default_workers() -> int:
-    """Loader processes. With a GPU, decoding limits the speed: every core but one (at most 8). On the CPU the model
-    trains 10-60x slower than one process decodes and augments (benchmarks/README.md): one worker, and none on 2
-    cores or fewer, where it would only take a core from the model's threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.cuda.is_available():
-        return max(0, min(8, cores - 1))
-    return 0 if cores <= 2 else 1
+from .data import ImageDataset, default_workers
 
 
 class EpochSampler(Sampler):
@@ -64,7 +53,7 @@ class SeededDataset(Dataset):
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Train/val/test loaders over an item table (columns path, label, split)."""
+    """Train and val loaders over an item table (columns path, label, split)."""
 
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], *, read_channels: int,
                  train_transform: Callable, eval_transform: Callable, intensity: Callable | None,
@@ -105,9 +94,6 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
 
     def adapt_dataloader(self) -> DataLoader:
         """Training images through the evaluation pipeline, for re-estimating BN statistics (AdaBN)."""
