@@ -1,5 +1,6 @@
 """export: ONNX and TorchScript give PyTorch's output on real images, carry labels and preprocessing, predict
 without the training code, never overwrite; predict from the command line."""
+import configparser
 import json
 import re
 import shutil
@@ -161,3 +162,12 @@ def test_predict_skips_unreadable_files_and_lists_them(run, reference, textures,
     assert pd.read_csv(out)["error"].notna().sum() == 2
     assert main(["predict", str(run.path), str(folder), "--strict"]) == 2
     assert "--strict" in capsys.readouterr().err
+
+
+def test_onnx_export_needs_only_the_core_install():
+    """torch's ONNX exporter needs onnx, and export checks the model in onnxruntime: both come with `pip install .`."""
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parents[1] / "setup.cfg")
+    core = {re.split(r"[<>=!~\[; ]", line.strip())[0].lower() for line in cfg["options"]["install_requires"].splitlines()
+            if line.strip()}
+    assert {"onnx", "onnxruntime"} <= core
