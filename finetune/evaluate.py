@@ -47,7 +47,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         raise ValueError(f"{ckpt} predicts {predictor.classes}, the run's classes.json says {classes}")
     probs, errors = predictor.probabilities(items["path"].tolist(), tta=tta, batch_size=batch_size, workers=workers)
     if errors:
-        bad = pd.concat([bad, pd.DataFrame({"path": items["path"].iloc[list(errors)], "reason": list(errors.values())})])
+        bad = pd.concat([bad, pd.DataFrame({"path": items["path"][list(errors)], "reason": list(errors.values())})])
         keep = ~items.index.isin(list(errors))
         items, probs = items[keep].reset_index(drop=True), probs[torch.from_numpy(keep)]
     if not len(items):
@@ -56,7 +56,8 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
     metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
     train = run.items[run.items["split"] == "train"]
     table.insert(1, "n_train", [int((train["label"] == c).sum()) for c in classes])
-    metrics["train_overlap"] = int(_real(items["path"]).isin(set(_real(train["path"]))).sum())
+    real = os.path.realpath  # the same file under another name (a symlinked folder) counts
+    metrics["train_overlap"] = int(items["path"].map(real).isin(set(train["path"].map(real))).sum())
     metrics["bad_files"] = len(bad)
 
     folder = _new_folder(run.path, f"eval-{name}-{split}")
@@ -188,10 +189,6 @@ def _new_folder(parent: Path, base: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free folder name for {parent / base}")
-
-
-def _real(paths: pd.Series) -> pd.Series:
-    return paths.map(os.path.realpath)
 
 
 def _short(name: str, n: int = 28) -> str:

@@ -24,7 +24,7 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 
 
 class TorchBackend:
-    """A torch module (a trained model, or a TorchScript file) in eval mode on one device; logits come back on the CPU."""
+    """A torch module (a trained model, or a TorchScript file) in eval mode on one device; logits come back on CPU."""
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -35,12 +35,12 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """An ONNX Runtime session (CUDA when onnxruntime has it and ``device`` is not 'cpu'); input 'input', output logits."""
+    """An ONNX Runtime session (CUDA when onnxruntime has it and ``device`` is not 'cpu'): input 'input', logits out."""
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None):
         import onnxruntime as ort
         gpu = str(device) != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        providers = ["CUDAExecutionProvider"] * gpu + ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), providers=providers)
         self.device = torch.device("cpu")  # onnxruntime takes and returns host arrays
 
@@ -85,23 +85,16 @@ class Predictor:
 
     @classmethod
     def from_export(cls, folder: str | Path, device: str | None = None, meta: dict | None = None) -> Predictor:
-        """From a folder made by ``finetune export`` (``meta``: its export.json, read from the folder if not given):
+        """From a folder made by ``finetune export`` (``meta``: its export.json, read from there if not given):
         onnxruntime or torch.jit, no timm, Lightning or training code."""
-        folder = Path(folder)
-        if meta is None:
-            try:
-                meta = json.loads((folder / "export.json").read_text())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{folder} has no export.json: pass a folder made by 'finetune export'") from None
-        path = folder / meta["file"]
+        meta = meta or json.loads((Path(folder) / "export.json").read_text())
+        path = Path(folder) / meta["file"]
         if meta["format"] == "onnx":
             backend = OnnxBackend(path, device)
-        elif meta["format"] == "torchscript":
+        else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load announces its deprecation
                 backend = TorchBackend(torch.jit.load(str(path), map_location="cpu"), device)
-        else:
-            raise ValueError(f"{folder}/export.json: unknown format {meta['format']!r} (not one of {', '.join(FORMATS)})")
         return cls(meta["classes"], Preprocess.from_dict(meta["preprocess"]), backend)
 
     @torch.no_grad()
@@ -110,24 +103,20 @@ class Predictor:
         return self.backend(x)
 
     def predict(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Class probabilities for a batch of preprocessed images (N, C, H, W); ``tta`` averages with the flipped batch."""
+        """Class probabilities of a batch of preprocessed images (N, C, H, W); ``tta`` adds the flipped batch."""
         p = self.logits(x).softmax(-1)
         return (p + self.logits(x.flip(-1)).softmax(-1)) / 2 if tta else p
 
-    def loader(self, files: Sequence[str | Path], batch_size: int = 64, workers: int | None = None) -> DataLoader:
-        """Batches ``(images, indices, {index: reason})`` of the files, read in ``workers`` processes (default:
-        :func:`finetune.data.default_workers`); unreadable files are left out of ``images`` with their reason."""
-        workers = default_workers() if workers is None else workers
-        return DataLoader(_Files(files, self.preprocess, self.transform), batch_size=batch_size, num_workers=workers,
-                          collate_fn=_collate, pin_memory=getattr(self.backend, "device", torch.device("cpu")).type == "cuda")
-
     def probabilities(self, files: Sequence[str | Path], tta: bool = False, batch_size: int = 64,
                       workers: int | None = None) -> tuple[torch.Tensor, dict[int, str]]:
-        """Class probabilities (N, classes) of image files, in their order, and ``{index: reason}`` of the files
-        that could not be read (their rows are NaN)."""
-        probs = torch.full((len(files), len(self.classes)), float("nan"))
-        errors: dict[int, str] = {}
-        for x, index, bad in self.loader(files, batch_size, workers):
+        """Class probabilities (N, classes) of image files in their order, and ``{index: reason}`` of the files that
+        could not be read (rows of NaN). A DataLoader's ``workers`` processes (default
+        :func:`finetune.data.default_workers`) read and preprocess the files; the backend runs the batches."""
+        loader = DataLoader(_Files(files, self.preprocess, self.transform), batch_size=batch_size, collate_fn=_collate,
+                            num_workers=default_workers() if workers is None else workers,
+                            pin_memory=getattr(self.backend, "device", torch.device("cpu")).type == "cuda")
+        probs, errors = torch.full((len(files), len(self.classes)), float("nan")), {}
+        for x, index, bad in loader:
             if len(index):
                 probs[index] = self.predict(x, tta)
             errors.update(bad)
@@ -140,16 +129,12 @@ class Predictor:
         files = expand_paths(paths)
         k = max(1, min(top_k, len(self.classes)))
         probs, errors = self.probabilities(files, tta, batch_size, workers)
-        top = probs.nan_to_num(-1.0).topk(k, dim=-1)
+        ok, top = ~probs.isnan().any(-1).numpy(), probs.nan_to_num(-1.0).topk(k, dim=-1)
         table = pd.DataFrame({"path": [str(f) for f in files]})
-        names = np.array(self.classes, dtype=object)
         for j in range(k):
-            table[f"label_{j + 1}"] = names[top.indices[:, j].numpy()]
-            table[f"prob_{j + 1}"] = top.values[:, j].double().numpy().round(6)
-        bad = list(errors)
-        table.loc[bad, [f"label_{j + 1}" for j in range(k)]] = ""
-        table.loc[bad, [f"prob_{j + 1}" for j in range(k)]] = np.nan
-        table["error"] = pd.Series(errors, dtype=object).reindex(table.index).fillna("")
+            table[f"label_{j + 1}"] = np.where(ok, np.array(self.classes, dtype=object)[top.indices[:, j].numpy()], "")
+            table[f"prob_{j + 1}"] = np.where(ok, top.values[:, j].double().numpy().round(6), np.nan)
+        table["error"] = [errors.get(i, "") for i in range(len(files))]
         return table
 
 
