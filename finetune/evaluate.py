@@ -21,7 +21,7 @@ from .data import bad_files_note, scan
 from .images import read_image
 from .predict import Predictor
 from .report import PICTURES, Evaluation, write_report
-from .run import Run
+from .run import Run, next_free
 
 __all__ = ["Evaluation", "evaluate", "select_items", "score", "PICTURES"]
 
@@ -60,7 +60,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
     metrics["train_overlap"] = int(items["path"].map(real).isin(set(train["path"].map(real))).sum())
     metrics["bad_files"] = len(bad)
 
-    folder = _new_folder(run.path, f"eval-{name}-{split}")
+    folder = next_free(run.path, f"eval-{name}-{split}")
     notes = []
     if len(bad):
         bad.to_csv(folder / "bad_files.csv", index=False)
@@ -177,18 +177,6 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
         "majority_class": classes[majority], "majority_accuracy": float(support[majority] / max(1, support.sum())),
     }
     return metrics, table, cm
-
-
-def _new_folder(parent: Path, base: str) -> Path:
-    """``parent/base``, or ``base-2``, ``base-3``... : the first that does not exist (created atomically)."""
-    for i in range(1, 10_000):
-        path = parent / (base if i == 1 else f"{base}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free folder name for {parent / base}")
 
 
 def _short(name: str, n: int = 28) -> str:
