@@ -1,7 +1,9 @@
 """Optimizer and learning-rate schedule for a freeze plan.
 
-One param group per plan stage, every one present from the first step; what a plan adds to an ordinary optimizer
-is only each group's multiplier (``lr_scale``, as timm's param groups call it) and its release epoch. A step-wise
+Groups as timm builds them (``timm.optim.param_groups_weight_decay``): no weight decay on biases, norm scale/shift
+and other 1-D parameters, nor on what the model's ``no_weight_decay()`` names; a decayed and an undecayed group per
+plan stage, every one present from the first step. What a plan adds is only each group's multiplier (``lr_scale``,
+as timm's param groups call it) and its release epoch. A step-wise
 ``LambdaLR`` gives each group warm-up then cosine from the epoch it is released (0 while it is fixed); Lightning
 saves and restores it, so a resumed run continues the schedule.
 """
@@ -17,11 +19,19 @@ from .recipe import Optim
 
 
 def param_groups(model: torch.nn.Module, plan: Plan, lr: float, weight_decay: float = 0.0) -> list[dict]:
-    """The optimizer's groups: one per plan stage, at ``lr`` times the stage's multiplier."""
+    """The optimizer's groups: per plan stage, its decayed weights and its 1-D ones (named ``<stage>/no_decay``,
+    without weight decay), at ``lr`` times the stage's multiplier."""
     plan.check(model)
     params = dict(model.named_parameters())
-    return [{"params": [params[n] for n in g.params], "name": g.name, "lr": lr * g.lr_mult, "lr_scale": g.lr_mult,
-             "weight_decay": weight_decay, "stage": i} for i, g in enumerate(plan.groups)]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups = []
+    for i, g in enumerate(plan.groups):
+        flat = [n for n in g.params if params[n].ndim <= 1 or n.endswith(".bias") or n in skip]
+        for names, wd, suffix in [([n for n in g.params if n not in flat], weight_decay, ""), (flat, 0.0, "/no_decay")]:
+            if names:
+                groups.append({"params": [params[n] for n in names], "name": g.name + suffix, "lr": lr * g.lr_mult,
+                               "lr_scale": g.lr_mult, "weight_decay": wd, "stage": i})
+    return groups
 
 
 def lr_factor(g: GroupPlan, steps_per_epoch: int, epochs: int, warmup_epochs: float = 1.0, kind: str = "cosine",

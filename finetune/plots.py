@@ -48,7 +48,8 @@ from .run import read_logs  # noqa: E402 - the one log reader (numeric version o
 
 def lr_columns(log: pd.DataFrame) -> dict[str, str]:
     """Learning-rate columns of LearningRateMonitor (``lr-AdamW/<group>``) by group name."""
-    return {c.split("/", 1)[-1] if "/" in c else c[3:]: c for c in log.columns if c.startswith("lr-")}
+    return {c.split("/", 1)[-1] if "/" in c else c[3:]: c for c in log.columns
+            if c.startswith("lr-") and not c.endswith("/no_decay")}  # a stage's 1-D weights share its rate
 
 
 def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:

@@ -47,11 +47,16 @@ def test_param_groups_exist_up_front_and_unfreezing_never_adds_groups(lite0):
     assert [g.train_from for g in plan.groups] == [None] * 5 + [2] * 3 + [0]
     opt = torch.optim.AdamW(param_groups(model, plan, 1e-3))
     n_groups = len(opt.param_groups)
-    assert n_groups == len(plan.groups) == len(stages(model))
+    assert [g["stage"] for g in opt.param_groups] == [i // 2 for i in range(2 * len(stages(model)))]
+
+    def live():  # per stage, whether any of its parameters trains
+        return [any(p.requires_grad for g in opt.param_groups if g["stage"] == i for p in g["params"])
+                for i in range(len(plan.groups))]
+
     freeze.apply(model, plan, 0)
-    assert [any(p.requires_grad for p in g["params"]) for g in opt.param_groups] == [False] * 8 + [True]
+    assert live() == [False] * 8 + [True]
     freeze.apply(model, plan, 2)
-    assert [any(p.requires_grad for p in g["params"]) for g in opt.param_groups] == [False] * 5 + [True] * 4
+    assert live() == [False] * 5 + [True] * 4
     assert len(opt.param_groups) == n_groups
     assert plan.lr_mults(0)[5] == 0.0 and plan.lr_mults(2)[5] > 0
 
@@ -182,8 +187,9 @@ def test_lr_factors_follow_the_plan(lite0):
     assert lam[7](5) == 0.0 and lam[7](10) > 0  # released after the probe epoch, with its own warm-up
     assert lam[8](0) > 0
     assert lam[6](25) == pytest.approx(lam[7](25))  # one curve; the multiplier is the group's lr
-    groups = param_groups(lite0, plan, 1e-3)
-    assert groups[6]["lr"] == pytest.approx(groups[7]["lr"] * 0.5) and groups[8]["lr"] == 1e-3
+    lr = {g["name"]: g["lr"] for g in param_groups(lite0, plan, 1e-3)}
+    names = [g.name for g in plan.groups]
+    assert lr[names[6]] == pytest.approx(lr[names[7]] * 0.5) and lr["head"] == lr["head/no_decay"] == 1e-3
     assert lam[8](39) < lam[8](15)  # cosine decays
 
 
@@ -287,3 +293,20 @@ def test_rule_is_a_pure_function_of_numbers():
     big = freeze.decide(100_000, 10, 8, distance=0.9, batch_size=32)
     assert big.bn_trained == "train" and big.depth == 0
     assert freeze.decide(100_000, 10, 8, distance=0.9, batch_size=8).bn_trained == "frozen"  # batch too small
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "vit_tiny_patch16_224"])
+def test_no_weight_decay_on_biases_norms_and_what_timm_exempts(name):
+    model = _model(name)
+    plan = freeze.make_plan(model, 2)
+    groups = param_groups(model, plan, 1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter once
+    exempt = set(getattr(model, "no_weight_decay", set)())
+    for g in groups:
+        assert g["name"].endswith("/no_decay") == (g["weight_decay"] == 0.0)
+        for p in g["params"]:
+            flat = p.ndim <= 1 or names[id(p)] in exempt
+            assert (g["weight_decay"] == 0.0) == flat, names[id(p)]
+    assert "bn1.weight" in seen if name.startswith("tf_") else "cls_token" in exempt
