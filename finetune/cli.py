@@ -263,18 +263,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         model = reference_model(args.backbone)
     else:
         from .backbone import create_backbone
-        recipe = _load_recipe(args) if args.recipe or args.overrides else None
+        from .recipe import load_recipe
         model = create_backbone(args.backbone, args.n_classes, pretrained=False,
                                 in_chans=size[0] if size else 3)
-        plan = None
-        if args.freeze is not None:
-            f = args.freeze
-            plan = (freeze.probe(model) if f == "probe" else freeze.full(model) if f == "full"
-                    else freeze.auto(model, n_train=args.n_train, n_classes=args.n_classes, domain="natural")
-                    if f == "auto" else freeze.fixed(model, int(f)))
-        elif recipe is not None:
-            plan = freeze.plan_for(model, recipe, args.n_train, args.n_classes)
-        if plan is not None:
+        f = args.freeze
+        sets = [] if f is None else [f"freeze.mode={f}"] if f in ("probe", "full", "auto") else [
+            "freeze.mode=fixed", f"freeze.depth={f}"]
+        if sets or args.recipe or args.overrides:
+            plan = freeze.plan_for(model, load_recipe(args.recipe, [*args.overrides, *sets]), args.n_train,
+                                   args.n_classes)
             released = max(g.train_from or 0 for g in plan.groups)
             freeze.apply(model, plan, released)  # costs once every scheduled group trains
             print(plan.explain() + f"\n\ncounted at epoch {released}, once the schedule has released its groups\n")

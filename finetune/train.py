@@ -70,21 +70,19 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
         pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
         ckpt = None if shared else run.checkpoint("last")
-        b = recipe_obj.backbone
-        start = bool(shared) and b.pretrained  # another rank of a new run starts from rank 0's weights
-        pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)
-        model = create_backbone(b.name, len(classes), pretrained=start, weights=b.weights if start else None,
-                                in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+        pretrained = bool(shared) and recipe_obj.backbone.pretrained  # other ranks of a new run: rank 0's weights
     else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
         items, classes, sc = prepare(data, recipe_obj, csv=csv)
         if len(classes) < 2:
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
-        b = recipe_obj.backbone
-        pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
-        model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
-                                in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+        ckpt, pretrained = None, recipe_obj.backbone.pretrained
+    b = recipe_obj.backbone
+    pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
+    model = create_backbone(b.name, len(classes), pretrained=pretrained, weights=b.weights if pretrained else None,
+                            in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+    if resume is None and shared is None:
         pre = _preprocess(recipe_obj, model, items)
         run = Run.create(out, name, stem)
         run.write_new("recipe.yaml", recipe_obj.to_yaml())
@@ -96,7 +94,6 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         run.write_new("plan.txt", plan.explain() + "\n")
         run.write_json("data.json", {"preprocess": pre.to_dict(),
                                      "weights_source": getattr(model, "finetune_source", None)})
-        ckpt = None
     t = recipe_obj.train
     set_trainable(model, plan, None)  # before DDP wraps the model: it registers what may ever train
     pl.seed_everything(t.seed, workers=True, verbose=False)
