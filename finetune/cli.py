@@ -211,7 +211,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.out} exists and is not overwritten; choose another --out")
     table = Predictor.load(args.run).predict_paths(args.paths, top_k=args.top_k, tta=args.tta,
                                                    batch_size=args.batch_size, workers=args.workers)
-    bad = table[table["error"] != ""].rename(columns={"error": "reason"})
+    bad = table[table["error"] != ""].rename(columns={"error": "reason"}) if "error" in table else table[:0]
     if args.strict and len(bad):
         raise ValueError(f"{bad['path'].iloc[0]}: {bad['reason'].iloc[0]} ({len(bad)} unreadable files; without "
                          f"--strict they are skipped and listed in the error column)")

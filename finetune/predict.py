@@ -121,7 +121,7 @@ class Predictor:
     def predict_paths(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False, batch_size: int = 32,
                       workers: int | None = None) -> pd.DataFrame:
         """Top-k labels and probabilities for image files and folders (searched recursively): columns path,
-        label_1, prob_1, ..., error (why a file could not be read; its labels are then empty)."""
+        label_1, prob_1, ..., and ``error`` when some file could not be read (why; its labels are then empty)."""
         files = expand_paths(paths)
         k = max(1, min(top_k, len(self.classes)))
         probs, errors = self.probabilities(files, tta, batch_size, workers)
@@ -130,7 +130,8 @@ class Predictor:
         for j in range(k):
             table[f"label_{j + 1}"] = np.where(ok, np.array(self.classes, dtype=object)[top.indices[:, j].numpy()], "")
             table[f"prob_{j + 1}"] = np.where(ok, top.values[:, j].double().numpy().round(6), np.nan)
-        table["error"] = [errors.get(i, "") for i in range(len(files))]
+        if errors:
+            table["error"] = [errors.get(i, "") for i in range(len(files))]
         return table
 
 
