@@ -38,6 +38,7 @@ def textures(tmp_path_factory):
     return texture_folder(tmp_path_factory.mktemp("data") / "textures", patch=64, val_every=4)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_trains_one_run_with_metrics_reduced_over_ranks(textures, tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
