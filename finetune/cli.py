@@ -147,6 +147,7 @@ _PY_TO_CLI = [
     (None, False, r"\bcsv= ", "--csv FILE "),
     ("allow_outside", False, r"\bset allow_outside=True\b", "pass --allow-outside"),
     ("strict", True, r"\bset strict=False\b", "leave out --strict"),
+    (None, False, r"\bset strict=False\b", "set train.strict: false in the recipe"),
     ("weights", True, r"\bweights=('[^']*') contradicts pretrained=False",
      r"--weights \1 contradicts backbone.pretrained: false"),
     ("weights", False, r"\bcreate_backbone\('[^']*', \.\.\., weights='([^']*)'\)", r"--weights \1"),
