@@ -23,11 +23,17 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATASETS = Path(os.environ.get("FINETUNE_DATASETS", "/work/shared/datasets"))
+#: the shared data sets sit next to the repository (../shared/datasets); FINETUNE_DATASETS points elsewhere
+DATASETS = Path(os.environ.get("FINETUNE_DATASETS", ROOT.parent / "shared" / "datasets"))
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = Path(os.environ.get("FINETUNE_BENCH_RUNS", "/tmp/finetune_bench_runs"))
 MITOCHECK_GROUPS = r"^(PLLT\d+_\d+)"
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as a command run from the repository root would write it (``../shared/datasets/...``)."""
+    return os.path.relpath(path, ROOT)
 
 
 def cpu_name() -> str:

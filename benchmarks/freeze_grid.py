@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, append_row, cpu_name, log, predict_plan, read_rows, run_fit, safe_name,  # noqa: E402
-                    set_threads, subset_csv)
+                    set_threads, shown, subset_csv)
 
 OUT = RESULTS / "freeze_grid.csv"
 COLUMNS = ["dataset", "recipe", "per_class", "n_train", "n_val", "plan", "fixed_depth", "schedule", "plan_hash",
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
         return
     set_threads(a.threads)
     _migrate(a.out)
-    log(f"CPU: {cpu_name()}; {a.threads} thread(s); results -> {a.out}")
+    log(f"CPU: {cpu_name()}; {a.threads} thread(s); results -> {shown(a.out)}")
     for seed, per_class, ds in [(s, p, d) for s in a.seeds for p in a.per_class for d in a.datasets]:
         # every task at 10 a class first: the cheap rows give the first answer early
         recipe = TASKS[ds]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATASETS, RESULTS, RUNS, append_row, cpu_name, log, read_rows  # noqa: E402
+from common import DATASETS, RESULTS, RUNS, append_row, cpu_name, log, read_rows, shown  # noqa: E402
 
 OUT = RESULTS / "quality.csv"
 COLUMNS = ["key", "command", "val_acc", "val_recall", "best_val_acc", "epochs", "fixed_depth", "wall_s",
@@ -60,9 +60,9 @@ def main(argv=None) -> None:
         out = RUNS / "quality"
         name = f"{key}-{time.strftime('%Y%m%d-%H%M%S')}"
         cmd = ["finetune", "train", *args, "--out", str(out), "--name", name, "--no-progress"]
-        shown = (f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} HF_HUB_OFFLINE=1 finetune train "
-                 + " ".join(shlex.quote(x) for x in args))
-        log(f"{key}: {shown} (plan: depth {want['fixed_depth']}, {want['schedule']}, {want['plan_hash']})")
+        written = (f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} HF_HUB_OFFLINE=1 finetune train "
+                   + " ".join(shlex.quote(shown(x) if os.path.isabs(x) else x) for x in args))
+        log(f"{key}: {written} (plan: depth {want['fixed_depth']}, {want['schedule']}, {want['plan_hash']})")
         t0 = time.time()
         p = subprocess.run(cmd, env=env, text=True, capture_output=True)
         wall = time.time() - t0
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         from common import plan_summary
         from finetune.freeze import Plan
         m = s["final_metrics"]
-        row = {"key": key, "command": shown, "val_acc": round(m["val_acc"], 4), "val_recall": round(m["val_recall"], 4),
+        row = {"key": key, "command": written, "val_acc": round(m["val_acc"], 4), "val_recall": round(m["val_recall"], 4),
                "best_val_acc": round(s["best_score"], 4) if s.get("best_score") is not None else "",
                "epochs": s["epochs"], "fixed_depth": Plan.from_state_dict(plan).fixed_depth,
                "wall_s": round(wall, 1), "passes": "" if bar is None else ("yes" if m["val_acc"] >= bar else "NO"),

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from finetune import freeze  # noqa: E402
 
-DATASETS = Path(os.environ.get("FINETUNE_DATASETS", "/work/shared/datasets"))
+DATASETS = Path(os.environ.get("FINETUNE_DATASETS", ROOT.parent / "shared" / "datasets"))  # ../shared/datasets
 RESULTS = ROOT / "benchmarks" / "results" / "speed.md"
 
 

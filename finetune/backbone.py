@@ -166,8 +166,12 @@ def _check_name(name: str) -> None:
     """Reject names timm does not know, suggesting the closest ones."""
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
-        hint = f"did you mean: {', '.join(close)}?" if close else "timm.list_models() lists the known names"
+        close = difflib.get_close_matches(arch, timm.list_models(), n=10)
+        close += [n for n in difflib.get_close_matches(arch, list(_PACKAGES), n=3) if n not in close]
+        # names whose weights load offline first, then those a weight package carries, in closeness order
+        close = sorted(close, key=lambda n: (not _offline_weights(n), _package_for(n) is None))[:5]
+        named = [f"{n} (offline weights)" if _offline_weights(n) else n for n in close]
+        hint = f"did you mean: {', '.join(named)}?" if close else "timm.list_models() lists the known names"
         raise ValueError(f"unknown backbone {name!r}; {hint}")
     try:
         get_pretrained_cfg(name)
@@ -176,6 +180,15 @@ def _check_name(name: str) -> None:
         raise ValueError(
             f"unknown backbone {name!r}: {arch} has no weights tagged {tag!r}; timm knows: {known}"
         ) from None
+
+
+def _offline_weights(name: str) -> bool:
+    """Whether ImageNet weights for ``name`` load without a network: an installed weight package or timm's cache."""
+    package = _package_for(name)
+    if package is not None and util.find_spec(package.module) is not None:
+        return True
+    cfg = _pretrained_cfg(name)
+    return cfg.has_weights and _hub_cache(cfg) is not None
 
 
 def _pretrained_cfg(name: str) -> PretrainedCfg:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,18 +28,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _recipe_args(p)
     p.add_argument("--backbone", "-b", help="any timm model name (default: tf_efficientnet_lite0)")
     p.add_argument("--weights", help="a local weights file (timm checkpoint or state dict)")
-    p.add_argument("--epochs", "-e", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", "-e", type=int, help="training epochs (default: the recipe's train.epochs)")
+    p.add_argument("--batch-size", type=int, help="images per step and device (default: the recipe's)")
     p.add_argument("--lr", type=float, help="the head's learning rate (the backbone gets a fraction)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--precision", choices=["32-true", "16-mixed", "bf16-mixed"])
+    p.add_argument("--image-size", type=int, help="side of the square input in pixels (default: the recipe's)")
+    p.add_argument("--precision", choices=["32-true", "16-mixed", "bf16-mixed"],
+                   help="float precision; the mixed ones need a GPU to be faster (default: the recipe's)")
     p.add_argument("--devices", help="devices per node (auto, 1, 2, ...)")
-    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--num-nodes", type=int, help="machines to train on, with --devices each (default: 1)")
     p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
     p.add_argument("--accelerator", help="auto (default), cpu, gpu")
     p.add_argument("--deterministic", action="store_true", help="reproducible to the bit (slower)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
-    p.add_argument("--allow-outside", action="store_true", help="allow CSV paths outside the data folder")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="allow relative CSV paths and symlinks that lead out of the data folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,34 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes a real example image folder (textures shipped with scikit-image: "
                                    "brick, grass, gravel), fine-tunes the default backbone on it, prints metrics.")
     p.add_argument("--folder", default="examples/textures", help="where to write the example images")
-    p.add_argument("--out", "-o", default="runs")
-    p.add_argument("--epochs", "-e", type=int, default=3)
+    p.add_argument("--out", "-o", default="runs", help="where the run folder goes (default: runs)")
+    p.add_argument("--epochs", "-e", type=int, default=3, help="training epochs (default: 3)")
 
     p = sub.add_parser("evaluate", help="metrics, plots and a report of a trained run on a data folder")
     p.add_argument("run", help="a run folder made by 'finetune train'")
     _data_args(p, required=False)
     p.add_argument("--split", default=None, help="which split of DATA to use when it has train/val/test (default: "
                                                   "test if present, else val, else all)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="the best epoch's weights or the last epoch's (default: best)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, help="processes that read the images (default: 0 on 2 CPU cores or fewer, "
                                                "1 on more; with a GPU every core but one, at most 8)")
 
     p = sub.add_parser("predict", help="predict labels of images with a run or an export")
     p.add_argument("run", help="a run folder or an exported model folder")
     p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", "-k", type=int, default=1)
+    p.add_argument("--top-k", "-k", type=int, default=1, help="the K likeliest classes per image (default: 1)")
     p.add_argument("--out", help="CSV to write (default: print)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--workers", type=int, help="processes that read the images (default as for evaluate)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it "
                                                          "(skipped files get their reason in the error column)")
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript with its labels and preprocessing")
-    p.add_argument("run")
-    p.add_argument("--format", "-f", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("run", help="a run folder made by 'finetune train'")
+    p.add_argument("--format", "-f", default="onnx", choices=["onnx", "torchscript"],
+                   help="onnx or torchscript (default: onnx)")
     p.add_argument("--out", help="folder to write (default: RUN/export-FORMAT)")
 
     p = sub.add_parser("plan", help="print the freeze plan and why, without training",
@@ -99,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distance", help="measure how far a folder of images is from ImageNet (0..1)")
     _data_args(p)
     _recipe_args(p)
-    p.add_argument("--backbone", "-b")
-    p.add_argument("--max-images", type=int, default=128)
+    p.add_argument("--backbone", "-b", help="a timm model with BatchNorm to measure with (default: the recipe's)")
+    p.add_argument("--max-images", type=int, default=128, help="a seeded random sample of this many (default: 128)")
 
     p = sub.add_parser("inspect", help="units, weights, connections and training cost of a backbone")
     p.add_argument("backbone", help="timm model name, or lenet5 / alexnet")
@@ -114,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="print every layer, not only stages and totals (always for lenet5/alexnet)")
 
     p = sub.add_parser("check", help="scan a data folder and report bad files, without training")
-    _data_args(p)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--strict", action="store_true")
-    p.add_argument("--allow-outside", action="store_true")
+    _data_args(p, required=False)
+    p.add_argument("--channels", type=int, default=3,
+                   help="channels the recipe reads: files with others are reported (default: 3)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of listing them all")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="allow relative CSV paths and symlinks that lead out of the data folder")
 
     p = sub.add_parser("recipes", help="list the shipped recipes, or show one")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="a recipe to show with its comments (default: list them all)")
     return ap
 
 
@@ -135,22 +142,49 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - user-facing: one clear line, the traceback only on request
         if os.environ.get("FINETUNE_DEBUG"):
             raise
-        print(f"finetune {args.command}: error: {e}", file=sys.stderr)
+        print(f"finetune {args.command}: error: {_cli_words(str(e), args)}", file=sys.stderr)
         return 2
+
+
+#: command-line flag (its argparse dest) -> the recipe key it sets
+_FLAG_KEYS = {"backbone": "backbone.name", "weights": "backbone.weights", "epochs": "train.epochs",
+              "batch_size": "train.batch_size", "lr": "optim.lr", "image_size": "image.size",
+              "precision": "train.precision", "devices": "train.devices", "num_nodes": "train.num_nodes",
+              "strategy": "train.strategy", "accelerator": "train.accelerator"}
+_SWITCH_KEYS = {"deterministic": "train.deterministic", "strict": "train.strict", "allow_outside": "train.allow_outside"}
+
+#: what the library says in Python words -> the command-line words. A rule with a flag applies only where the
+#: command has that flag; ``typed``: only where the user typed it. The tests hold each message to its CLI form.
+_PY_TO_CLI = [
+    (None, False, r"\bcsv= ", "--csv FILE "),
+    ("allow_outside", False, r"\bset allow_outside=True\b", "pass --allow-outside"),
+    ("strict", True, r"\bset strict=False\b", "leave out --strict"),
+    (None, False, r"\bset strict=False\b", "set train.strict: false in the recipe"),
+    ("weights", True, r"\bweights=('[^']*') contradicts pretrained=False",
+     r"--weights \1 contradicts backbone.pretrained: false"),
+    ("weights", False, r"\bcreate_backbone\('[^']*', \.\.\., weights='([^']*)'\)", r"--weights \1"),
+    (None, False, r"\bpass pretrained=False\b", "pass --set backbone.pretrained=false"),
+]
+
+
+def _cli_words(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the Python and recipe words replaced by the flags the user typed or can type."""
+    for dest, typed, pattern, words in _PY_TO_CLI:
+        if dest is None or (getattr(args, dest, None) if typed else hasattr(args, dest)):
+            message = re.sub(pattern, words, message)
+    for dest, key in {**_FLAG_KEYS, **_SWITCH_KEYS}.items():
+        if getattr(args, dest, None) is not None and getattr(args, dest) is not False:
+            message = message.replace(f"'{key}'", f"'{key}' (--{dest.replace('_', '-')})")
+    return message
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.overrides)
-    for flag, key in [("backbone", "backbone.name"), ("weights", "backbone.weights"), ("epochs", "train.epochs"),
-                      ("batch_size", "train.batch_size"), ("lr", "optim.lr"), ("image_size", "image.size"),
-                      ("precision", "train.precision"), ("devices", "train.devices"),
-                      ("num_nodes", "train.num_nodes"), ("strategy", "train.strategy"),
-                      ("accelerator", "train.accelerator")]:
+    for flag, key in _FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
-    for flag, key in [("deterministic", "train.deterministic"), ("strict", "train.strict"),
-                      ("allow_outside", "train.allow_outside")]:
+    for flag, key in _SWITCH_KEYS.items():
         if getattr(args, flag, False):
             sets.append(f"{key}=true")
     return sets
@@ -294,17 +328,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .data import scan
+    from .data import DataError, scan
+    if not args.data and not args.csv:
+        raise ValueError("give an image folder, or --csv FILE (paths in it relative to the CSV's folder)")
     sc = scan(args.data, csv=args.csv, channels=args.channels, strict=args.strict,
               allow_outside=args.allow_outside, max_bad_fraction=1.0)
-    print(sc.report())
+    print(_cli_words(sc.report(), args), end="")
+    if len(sc.classes) < 2:
+        raise DataError(f"{sc.source}: {len(sc.classes)} class ({', '.join(sc.classes)}); a classifier needs at "
+                        f"least two: one sub-folder per class, or two labels in the CSV")
     return 1 if len(sc.bad) else 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from .recipe import list_recipes, resolve_path
     if args.name:
-        print(resolve_path(args.name).read_text())
+        print(resolve_path(args.name).read_text().rstrip("\n"))
         return 0
     for name, desc in list_recipes().items():
         print(f"{name:<14} {desc}")

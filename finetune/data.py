@@ -98,7 +98,8 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     Layouts: ``root/<class>/...`` (sub-folders searched too), ``root/{train,val,test}/<class>/...`` (splits used as
     given), or ``csv`` with columns ``path,label[,split]``; CSV paths are relative to ``root``, or to the CSV's
     folder when ``root`` is None, and a relative ``csv`` not found from the working folder is looked up in ``root``.
-    Hidden files and OS litter are ignored silently. ``decode=False`` reads headers only (fast, but truncated
+    Absolute CSV paths are taken as written; relative ones and symlinks that lead out of ``root`` are bad unless
+    ``allow_outside``. Hidden files and OS litter are ignored silently. ``decode=False`` reads headers only (fast, but truncated
     files pass). ``labels`` fixes the class list; other labels are bad. Classes with fewer than
     ``min_per_class`` images are left out with a warning. Raises DataError when more than ``max_bad_fraction``
     of the files are bad (files with a non-image extension that are not images are listed but not counted:
@@ -134,7 +135,7 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
 
     good = _class_warnings(good, rows, min_per_class, labels, warnings)
     classes = sorted(set(labels)) if labels is not None else sorted(good["label"].unique())
-    items = good.drop(columns="_line").sort_values("path", kind="stable").reset_index(drop=True)
+    items = good.drop(columns=["_line", "_abs"]).sort_values("path", kind="stable").reset_index(drop=True)
     bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable")
     info = info[info["path"].isin(items["path"])].reset_index(drop=True)
     return Scan(root, source, items, bad_df.reset_index(drop=True), classes,
@@ -283,7 +284,7 @@ def _folder_rows(root: Path, warnings: list[str]) -> tuple[pd.DataFrame, str]:
             warnings.append(f"empty class folder '{_rel(class_dir, root)}': ignored, not a class")
         rows += [(f, class_dir.name, name) for f in files]
     out = pd.DataFrame(rows, columns=["path", "label", "split"], dtype=str)
-    out["_line"] = 0
+    out["_line"], out["_abs"] = 0, False
     return out, source
 
 
@@ -310,10 +311,11 @@ def _csv_rows(csv: Path, root: Path) -> pd.DataFrame:
         df[col] = df[col].str.strip()
     if os.sep == "/":
         df["path"] = df["path"].str.replace("\\", "/")  # a CSV written on Windows
+    df["_abs"] = [os.path.isabs(p) for p in df["path"]]  # written in full: the user means that file
     df["path"] = [os.path.normpath(os.path.join(root, p)) if p else "" for p in df["path"]]
     df["_line"] = np.arange(len(df)) + 2  # the header is line 1
-    extra = [c for c in df.columns if c not in ("path", "label", "split", "_line")]
-    return df[["path", "label", "split", "_line", *extra]]
+    extra = [c for c in df.columns if c not in ("path", "label", "split", "_line", "_abs")]
+    return df[["path", "label", "split", "_line", "_abs", *extra]]
 
 
 def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tuple[pd.DataFrame, list]:
@@ -335,10 +337,10 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
             mark(i, f"bad row: split '{name}' is not train, val or test{where[i]}")
     if not allow_outside:
         real_root, real_dirs = os.path.realpath(root), {}
-        for i, path in enumerate(rows["path"]):
-            if not drop[i] and not _inside(path, real_root, real_dirs):
+        for i, (path, given_abs) in enumerate(zip(rows["path"], rows["_abs"])):
+            if not drop[i] and not given_abs and not _inside(path, real_root, real_dirs):
                 mark(i, f"outside data root: resolves to {os.path.realpath(path)}, not under {real_root} "
-                        f"(set allow_outside if intended)")
+                        f"(set allow_outside=True if intended)")
     key = pd.Series([os.path.normcase(p) for p in rows["path"]])
     for _, group in key[~drop & key.duplicated(keep=False).to_numpy()].groupby(key, sort=False):
         idx = group.index.to_numpy()
@@ -407,7 +409,7 @@ def _check_files(paths: list[str], channels: int, decode: bool, max_pixels: int,
 
 def _strict_error(path: str, reason: str) -> DataError:
     return DataError(f"{path}: {reason}\nstrict mode stops at the first bad file: fix or remove it, or set "
-                     f"strict: false to skip bad files and list them in the report")
+                     f"strict=False to skip bad files and list them in the report")
 
 
 def _sidecar(path: str, reason: str) -> bool:

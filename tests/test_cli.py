@@ -1,5 +1,6 @@
 """The ``finetune`` command on bad input: exit codes, one clear line on stderr that names the problem and the fix,
 ``check`` without training, ``--strict``, and run folders that are never overwritten."""
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from finetune.cli import main
+from finetune import backbone
+from finetune.cli import build_parser, main
 
 TINY = ["--epochs", "1", "--image-size", "16", "--batch-size", "8", "--no-progress", "--set", "train.num_workers=0"]
 
@@ -68,6 +70,7 @@ def test_strict_stops_at_the_first_bad_file(capsys, data, tmp_path):
     code, _, err = cli(capsys, "train", data, "--strict", "--out", tmp_path / "runs", *TINY)
     assert code == 2
     assert "dog/broken.png: corrupt" in err and "strict mode stops at the first bad file" in err
+    assert "leave out --strict to skip bad files" in err and "strict=False" not in err and "strict:" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -107,11 +110,11 @@ def test_unknown_backbone_suggests_the_closest_timm_names(capsys, data, tmp_path
 @pytest.mark.parametrize("args, says", [
     (["--set", "freeze.mode=fixed"], ["'freeze.mode' = fixed", "needs 'freeze.depth'"]),
     (["--weights", "w.pth", "--set", "backbone.pretrained=false"],
-     ["weights='w.pth' contradicts pretrained=False", "drop one of them"]),
+     ["--weights 'w.pth' contradicts backbone.pretrained: false", "drop one of them"]),
     (["--set", "image.channels=1", "--set", "image.mean=[0.5,0.5]"],
      ["'image.mean' has 2 values", "image.channels=1", "give 3 values or null"]),
     (["--set", "optim.lrr=0.1"], ["unknown key 'optim.lrr'", "did you mean 'optim.lr'"]),
-    (["--epochs", "0"], ["'train.epochs' = 0 is out of range", "use a value in [1, 100000]"]),
+    (["--epochs", "0"], ["'train.epochs' (--epochs) = 0 is out of range", "use a value in [1, 100000]"]),
     (["--set", "augment.crop=zoom"], ["'augment.crop' = 'zoom' is not allowed", "choose one of random_resized"]),
     (["--recipe", "naturall"], ["recipe 'naturall'", "did you mean 'natural'"]),
 ])
@@ -181,3 +184,80 @@ def test_plan_takes_the_train_options_and_previews_that_run(capsys, data, tmp_pa
     code, out, _ = cli(capsys, "plan", data, "--epochs", "5", "--set", "freeze.mode=fixed", "--set",
                        "freeze.depth=6", "--set", "freeze.schedule=lp-ft")
     assert code == 0 and "linear probe for 1 epoch(s)" in out and "from epoch 1" in out
+
+
+# -- the command line's own words ----------------------------------------------------------------------------------
+
+def _csv(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
+    return path
+
+
+def test_check_takes_a_csv_without_a_folder_and_absolute_paths_in_it(capsys, data, tmp_path):
+    listed = [(data / c / f"{i}.png", c) for c in ("cat", "dog") for i in range(4)]  # written in full
+    code, out, err = cli(capsys, "check", "--csv", _csv(tmp_path / "lists" / "items.csv", listed))
+    assert code == 0, err
+    assert "8 images in 2 classes; 0 bad files skipped" in out
+    code, _, err = cli(capsys, "check")
+    assert code == 2 and "give an image folder, or --csv FILE" in one_line_error(err, "check")
+
+
+def test_check_refuses_a_folder_with_one_class(capsys, data):
+    for f in (data / "dog").iterdir():
+        f.unlink()
+    (data / "dog").rmdir()
+    code, out, err = cli(capsys, "check", data)
+    assert "4 images in 1 classes" in out  # the report still shows what was found
+    line = one_line_error(err, "check")
+    assert code == 2 and "1 class (cat)" in line and "a classifier needs at least two" in line
+
+
+def test_messages_name_the_flags_the_user_typed(capsys, data, tmp_path, monkeypatch):
+    _png(tmp_path / "stray.png", 99)
+    rows = [(f"{c}/{i}.png", c) for c in ("cat", "dog") for i in range(4)] + [("../stray.png", "cat")]
+    code, out, _ = cli(capsys, "check", data, "--csv", _csv(data / "items.csv", rows))
+    assert code == 1 and "outside data root" in out
+    assert "pass --allow-outside if intended" in out and "allow_outside" not in out
+    code, out, _ = cli(capsys, "check", data, "--csv", data / "items.csv", "--allow-outside")
+    assert code == 0 and "9 images in 2 classes" in out
+
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(capsys, "check", tmp_path / "empty")
+    assert code == 2 and "or --csv FILE with path,label" in err and "csv=" not in err
+
+    monkeypatch.setattr(backbone, "_hub_cache", lambda cfg: None)  # as on a machine that never downloaded it
+    code, _, err = cli(capsys, "train", data, "--backbone", "resnet18", "--out", tmp_path / "runs", *TINY)
+    assert code == 2 and "no pretrained weights for backbone 'resnet18'" in err
+    assert "pass a local file: --weights path/to/resnet18.pth" in err
+    assert "--set backbone.pretrained=false" in err
+    assert "create_backbone(" not in err and "pretrained=False" not in err
+
+
+def test_every_option_and_argument_has_help():
+    def walk(parser: argparse.ArgumentParser, name: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from walk(sub, f"{name} {sub_name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield name, "/".join(action.option_strings) or action.dest, action.help
+
+    missing = [f"{cmd} {opt}" for cmd, opt, text in walk(build_parser(), "finetune") if not text]
+    assert not missing, f"without help text: {missing}"
+
+
+def test_printed_output_ends_with_exactly_one_newline(capsys, data):
+    for args in (["recipes"], ["recipes", "microscopy"], ["check", data],
+                 ["distance", data, "--max-images", "8", "--set", "image.size=32"]):
+        code, out, err = cli(capsys, *args)
+        assert code == 0, err
+        assert out.endswith("\n") and not out.endswith("\n\n"), (args, out[-80:])
+
+
+def test_unknown_backbone_suggests_names_with_offline_weights_first(capsys):
+    code, _, err = cli(capsys, "inspect", "tf_efficientnet_lite")
+    line = one_line_error(err, "inspect")
+    names = line.split("did you mean: ")[1].rstrip("?").split(", ")
+    assert names[0] == "tf_efficientnet_lite0 (offline weights)"  # difflib alone puts lite4 first
+    assert set(names[1:3]) == {"tf_efficientnet_lite1", "tf_efficientnet_lite2"}  # packaged, pip-installable

@@ -416,18 +416,28 @@ def test_csv_same_file_with_two_labels_is_bad_twice(tmp_path):
     assert len(s.items) == 5 and s.classes == ["cat"]
 
 
-def test_csv_paths_escaping_the_root(tmp_path):
+def test_csv_relative_paths_climbing_out_of_the_root_are_bad_absolute_ones_are_taken(tmp_path):
     root = tree(tmp_path / "data", {"cat": 6})
     for name in ("a.png", "b.png", "c.png"):
         make(tmp_path / name)
     rows = [(f"cat/{i}.png", "cat", "") for i in range(6)]
-    rows += [("../a.png", "cat", ""), (str(tmp_path / "b.png"), "cat", ""), ("cat/../../c.png", "dog", "")]
+    rows += [("../a.png", "cat", ""), (str(tmp_path / "b.png"), "dog", ""), ("cat/../../c.png", "dog", "")]
     write_csv(root / "l.csv", rows)
     s = scan(root, csv="l.csv", max_bad_fraction=1)
-    assert kinds(s) == {"a.png": "outside data root", "b.png": "outside data root", "c.png": "outside data root"}
-    assert len(s.items) == 6
+    assert kinds(s) == {"a.png": "outside data root", "c.png": "outside data root"}
+    assert "set allow_outside=True if intended" in s.bad["reason"].iloc[0]
+    assert len(s.items) == 7 and str(tmp_path / "b.png") in set(s.items["path"])  # written in full: meant
+    assert list(s.items.columns) == ["path", "label", "split"]
     s = scan(root, csv="l.csv", allow_outside=True)
     assert len(s.items) == 9 and s.bad.empty and s.classes == ["cat", "dog"]
+
+
+def test_csv_of_absolute_paths_only_from_another_folder(tmp_path):
+    tree(tmp_path / "images", {"cat": 2, "dog": 2})
+    rows = [(tmp_path / "images" / c / f"{i}.png", c, "") for c in ("cat", "dog") for i in range(2)]
+    (tmp_path / "lists").mkdir()
+    s = scan(None, csv=write_csv(tmp_path / "lists" / "items.csv", rows))
+    assert s.bad.empty and len(s.items) == 4 and s.classes == ["cat", "dog"]
 
 
 def test_csv_bad_rows(tmp_path):

@@ -53,6 +53,7 @@ def textures(tmp_path_factory):
     return texture_folder(tmp_path_factory.mktemp("data") / "textures", patch=128, val_every=4)  # 36 train, 12 val
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,schedule,unused", [
     ([], "lp-ft", True),  # the default recipe: automatic plan, strategy auto
     (["freeze.bn=affine", "freeze.schedule=none", "train.strategy=ddp"], "none", False),

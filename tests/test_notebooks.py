@@ -20,6 +20,7 @@ def test_notebook_is_committed_clean(path):
     assert code and all(not c.outputs and c.execution_count is None for c in code), "clear the outputs first"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_NOTEBOOK_FAST", "1")

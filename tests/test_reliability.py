@@ -235,6 +235,7 @@ def _weights(run: Path) -> dict:
     return load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
 
 
+@pytest.mark.slow
 def test_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(textures, tmp_path):
     out = tmp_path / "runs"
     full = _cli("train", str(textures), "--out", str(out), "--name", "full", *LP_FT, log=tmp_path / "full.log")

@@ -43,6 +43,7 @@ def _train_loss(model, predictor, paths, labels):
         return torch.nn.functional.cross_entropy(model.eval()(x), torch.tensor(labels)).item()
 
 
+@pytest.mark.slow
 def test_fit_lowers_loss_writes_run_and_reloads_identically(textures, tmp_path):
     cap = Capture()
     run = fit(textures, "natural", out=tmp_path, name="r1", overrides=FAST, progress=False, callbacks=[cap])
