@@ -22,6 +22,12 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--csv", help="a CSV of path,label[,split] instead of (or relative to) the folder")
 
 
+def _scan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scan", choices=["auto", "full", "header"],
+                   help="decode every image (full), read headers only (header: files that fail later are skipped "
+                        "and recorded during training), or full below 100,000 files (auto, the default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="finetune", epilog=EPILOG,
                                  description="Fine-tune pretrained ImageNet backbones (timm) on your own images; "
@@ -45,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", help="auto (default), cpu, gpu")
     p.add_argument("--deterministic", action="store_true", help="reproducible to the bit (slower)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    _scan_arg(p)
     p.add_argument("--allow-outside", action="store_true", help="allow CSV paths outside the data folder")
     p.add_argument("--out", "-o", default="runs", help="where run folders go (default: runs)")
     p.add_argument("--name", help="run folder name (default: <data>-<backbone>-<time>)")
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="scan a data folder and report bad files, without training")
     _data_args(p)
     p.add_argument("--channels", type=int, default=3)
+    _scan_arg(p)
     p.add_argument("--strict", action="store_true")
     p.add_argument("--allow-outside", action="store_true")
 
@@ -134,7 +142,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
                       ("batch_size", "train.batch_size"), ("lr", "optim.lr"), ("image_size", "image.size"),
                       ("precision", "train.precision"), ("devices", "train.devices"),
                       ("num_nodes", "train.num_nodes"), ("strategy", "train.strategy"),
-                      ("accelerator", "train.accelerator")]:
+                      ("accelerator", "train.accelerator"), ("scan", "train.scan")]:
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
@@ -275,9 +283,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .data import scan
-    sc = scan(args.data, csv=args.csv, channels=args.channels, strict=args.strict,
-              allow_outside=args.allow_outside, max_bad_fraction=1.0)
+    from .data import SCAN_MODES, scan
+    sc = scan(args.data, csv=args.csv, channels=args.channels, strict=args.strict, allow_outside=args.allow_outside,
+              max_bad_fraction=1.0, decode=SCAN_MODES[args.scan or "auto"], progress=sys.stderr.isatty())
     print(sc.report())
     return 1 if len(sc.bad) else 0
 

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageError", "ImageInfo", "dataset_percentiles", "probe",
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageError", "ImageInfo", "dataset_percentiles", "examine", "probe",
            "read_image", "to_unit_float"]
 
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
@@ -106,6 +106,20 @@ def probe(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> ImageInfo
             raise
         except Exception as e:  # a header parser tripping on garbage
             raise ImageError(path, f"corrupt: {type(e).__name__}: {e}") from e
+
+
+def examine(path: str, decode: bool = True, max_pixels: int = MAX_PIXELS) -> ImageInfo | str:
+    """The file's native info (every pixel decoded when ``decode``, else the header only), or the reason it is
+    bad; never raises, so that a scan's process pool can call it per file."""
+    try:
+        if not decode:
+            return probe(path, max_pixels=max_pixels)
+        arr, alpha = _read_native(path, max_pixels)
+        return ImageInfo(arr.shape[1], arr.shape[0], arr.shape[-1], arr.dtype, alpha)
+    except ImageError as e:
+        return e.reason
+    except Exception as e:  # MemoryError on a huge-but-allowed file, a decoder bug...
+        return f"corrupt: {type(e).__name__}: {e}"
 
 
 def to_unit_float(img: np.ndarray, mode: str = "range", percentiles: Sequence[float] = (1.0, 99.8),

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from . import augment, cache, freeze
 from .backbone import create_backbone
-from .data import DataError, scan, split
+from .data import SCAN_MODES, DataError, scan, split
 from .datamodule import ImageDataModule
 from .freeze import Plan
 from .images import dataset_percentiles
@@ -24,18 +24,22 @@ from .module import Classifier, FreezeSchedule
 from .preprocess import Pipeline, Preprocess
 from .recipe import Recipe, load_recipe
 from .run import AtomicCheckpointIO, Run, RunError
+from .startup import StartupTimer
 
 log = logging.getLogger("finetune")
 _RUN_ENV = "FINETUNE_RUN"  # rank 0's run folder, inherited by the DDP processes it starts
 
 
-def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None) -> tuple[pd.DataFrame, list[str], Any]:
+def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None, progress: bool = False,
+            timer: StartupTimer | None = None) -> tuple[pd.DataFrame, list[str], Any]:
     """Scan the data, split it when no validation set is given; returns (items with split, classes, scan)."""
     t = recipe.train
     sc = scan(data, csv=csv, channels=augment.read_channels(recipe), strict=t.strict,
               allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction,
-              max_pixels=recipe.image.max_pixels)
+              max_pixels=recipe.image.max_pixels, decode=SCAN_MODES[t.scan], progress=progress)
+    timer and timer.mark("scan")
     items = split(sc.items, t.val_fraction, seed=t.seed, groups=t.split_groups)
+    timer and timer.mark("split")
     return items, list(sc.classes), sc
 
 
@@ -86,7 +90,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     Writes a new run folder under ``out`` (never overwriting one) and returns it; ``resume=RUN`` continues a
     stopped run from its last checkpoint, schedules included.
     """
-    started = time.time()
+    started, timer = time.time(), StartupTimer()
     if resume is None:
         if data is None and csv is None:
             raise ValueError("fit() needs data (an image folder) or csv= (a CSV of path,label), or resume=RUN")
@@ -106,9 +110,10 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)
         model = create_backbone(b.name, len(classes), pretrained=start, weights=b.weights if start else None,
                                 in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+        timer.mark("model")
     else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
-        items, classes, sc = prepare(data, recipe_obj, csv=csv)
+        items, classes, sc = prepare(data, recipe_obj, csv=csv, progress=progress, timer=timer)
         if len(classes) < 2:
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
@@ -116,6 +121,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
         model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
                                 in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+        timer.mark("model")
         pre = _preprocess(recipe_obj, model, items)
         run = Run.create(out, name, stem)
         run.write_new("recipe.yaml", recipe_obj.to_yaml())
@@ -126,6 +132,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         plan = make_plan(model, recipe_obj, n_train, len(classes), measured_distance(data, recipe_obj, csv))
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
+        timer.mark("plan")
         run.write_json("data.json", {"preprocess": pre.to_dict(),
                                      "weights_source": getattr(model, "finetune_source", None)})
         ckpt = None
@@ -136,7 +143,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
                          train_transform=train_tf, eval_transform=pre.eval_transform(),
                          intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
-                         seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels)
+                         seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels,
+                         skipped=_skipped_csv(run))
     weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
     datamodule, module_cls = dm, Classifier
     if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
@@ -156,11 +164,12 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     trainer = pl.Trainer(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=_strategy(t.strategy, plan), precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
-        callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best, last,
+        callbacks=[timer, FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best, last,
                    LearningRateMonitor(logging_interval="epoch"), *callbacks],
         logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(items) // max(1, t.batch_size))))
+    timer.run = run
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LightningModule.*has parameters that were not used.*")
@@ -172,6 +181,14 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     if trainer.global_rank == 0:
         _finish(run, trainer, best, started, resumed=resume is not None)
     return run
+
+
+def _skipped_csv(run: Run) -> Path:
+    """RUN/skipped_during_training.csv, where the loaders record files that fail to read (its header from rank 0)."""
+    path = run.path / "skipped_during_training.csv"
+    if _is_rank_zero() and not path.exists():
+        path.write_text("path,reason\n")
+    return path
 
 
 def _is_rank_zero() -> bool:
@@ -245,12 +262,16 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
     best_path = Path(best.best_model_path) if best.best_model_path else run.path / "checkpoints" / "last.ckpt"
     best_path = best_path.resolve().relative_to(run.path.resolve())  # Lightning's paths are absolute, --out may not be
     previous = run.summary
+    skipped = pd.read_csv(run.path / "skipped_during_training.csv")["path"].nunique()
+    if skipped:
+        log.warning("%d files failed to read during training and were left out: %s", skipped,
+                    run.path / "skipped_during_training.csv")
     summary = {
         "run": str(run.path), "epochs": trainer.current_epoch, "best_checkpoint": str(best_path),
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "best_metric": best.monitor, "final_metrics": metrics,
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + time.time() - started, 1),
-        "attempts": previous.get("attempts", 0) + 1, "resumed": resumed,
+        "attempts": previous.get("attempts", 0) + 1, "resumed": resumed, "skipped_during_training": int(skipped),
         "backbone": run.recipe.backbone.name, "classes": run.classes,
         "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__},
     }

@@ -1,0 +1,83 @@
+"""Scan and start-up times on a large folder (benchmarks/make_many.py), measured in one run.
+
+    check  DATA            finetune check, cold (empty FINETUNE_HOME) with --scan full and --scan header, then
+                           warm (the scan cache filled by the full one); the ratio cold/warm
+    first-step DATA REPO   seconds from calling fit() to the first training step, with the code of REPO (a
+                           worktree: the code before the scan cache, or this one), twice over the same FINETUNE_HOME;
+                           the breakdown from RUN/startup.json when the code writes one
+
+Every command runs as a child process (``nice -n 5``) so that nothing is warm in memory but the OS page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FIRST_STEP = '''
+import sys, time, json
+t0 = time.time()
+import pytorch_lightning as pl
+from finetune.train import fit
+
+class Stop(pl.Callback):
+    def on_train_batch_end(self, trainer, *a):
+        print(json.dumps({"first_step_s": time.time() - t0}), flush=True)
+        raise SystemExit(0)
+
+fit(sys.argv[1], "natural", out=sys.argv[2], progress=False, callbacks=[Stop()],
+    overrides=["train.epochs=1", "image.size=32", "train.batch_size=8", "train.num_workers=0"])
+'''
+
+
+def timed(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, str]:
+    t = time.perf_counter()
+    done = subprocess.run(["nice", "-n", "5", *cmd], env=env, cwd=cwd, capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        sys.exit(f"{cmd} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t, done.stdout
+
+
+def check(data: str) -> None:
+    repo = str(Path(__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "FINETUNE_HOME": home, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "finetune.cli", "check", data]
+        header, _ = timed([*cmd, "--scan", "header"], env)
+        os.remove(Path(home) / "scan.sqlite")
+        full, out = timed([*cmd, "--scan", "full"], env)
+        warm, _ = timed([*cmd, "--scan", "full"], env)
+    files = out.splitlines()[1]
+    print(json.dumps({"data": data, "files": files, "cold_full_s": round(full, 1), "cold_header_s": round(header, 1),
+                      "warm_s": round(warm, 1), "cold_full/warm": round(full / warm, 1),
+                      "cold_header/warm": round(header / warm, 1), "load": os.getloadavg()[0]}))
+
+
+def first_step(data: str, repo: str) -> None:
+    with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as runs:
+        env = {**os.environ, "FINETUNE_HOME": home, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        script = Path(runs) / "first_step.py"
+        script.write_text(FIRST_STEP)
+        rows = []
+        for attempt in ("first", "second"):
+            wall, out = timed([sys.executable, str(script), data, runs], env, cwd=runs)
+            row = {"repo": repo, "run": attempt, "wall_s": round(wall, 1), **json.loads(out.splitlines()[-1])}
+            startup = sorted(Path(runs).glob("*/startup.json"), key=os.path.getmtime)
+            if startup and len(startup) == len(rows) + 1:
+                row["startup"] = json.loads(startup[-1].read_text())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["check", "first-step"])
+    ap.add_argument("data")
+    ap.add_argument("repo", nargs="?")
+    a = ap.parse_args()
+    check(a.data) if a.what == "check" else first_step(a.data, a.repo)

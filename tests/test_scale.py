@@ -1,0 +1,147 @@
+"""Data at scale: the scan cache, header-only scans with files skipped and recorded during training, the start-up
+timer, packed (litdata) datasets from `finetune pack` to training, one process and two (DDP, gloo)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+from PIL import Image
+
+from finetune import data as data_mod
+from finetune import fit
+from finetune.data import scan
+
+TINY = ["train.epochs=1", "image.size=16", "train.batch_size=4", "train.num_workers=0"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _png(path: Path, seed: int, size: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def folder(root: Path, n: int = 6, classes=("cat", "dog")) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(n):
+            _png(root / name / f"{i}.png", seed=100 * c + i)
+    return root
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh FINETUNE_HOME: an empty scan cache."""
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The files the scan opens (images.examine calls), in order."""
+    calls = []
+    real = data_mod.examine
+
+    def counting(path, *a, **k):
+        calls.append(os.path.basename(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(data_mod, "examine", counting)
+    return calls
+
+
+def test_second_scan_of_unchanged_files_opens_none_and_reports_the_same(tmp_path, home, opened):
+    data = folder(tmp_path / "data")
+    (data / "cat" / "bad.png").write_bytes(b"")
+    first = scan(data, max_bad_fraction=1)
+    assert len(opened) == 13 and (home / "scan.sqlite").is_file()
+    opened.clear()
+    second = scan(data, max_bad_fraction=1)
+    assert opened == []
+    assert second.report() == first.report()
+    pd.testing.assert_frame_equal(second.image_info, first.image_info)
+
+
+def test_a_changed_file_is_checked_again(tmp_path, home, opened):
+    data = folder(tmp_path / "data")
+    scan(data)
+    opened.clear()
+    _png(data / "cat" / "0.png", seed=7, size=24)  # new content, new size
+    os.utime(data / "dog" / "1.png", ns=(0, os.stat(data / "dog" / "1.png").st_mtime_ns + 10**9))  # touched only
+    (data / "dog" / "2.png").write_bytes((data / "dog" / "2.png").read_bytes()[:60])  # broken, smaller
+    s = scan(data)
+    assert sorted(opened) == ["0.png", "1.png", "2.png"]
+    assert s.bad["path"].map(os.path.basename).tolist() == ["2.png"] and s.bad["reason"][0].startswith("truncated")
+    assert s.image_info.set_index(s.image_info["path"].map(os.path.relpath, start=data)).loc["cat/0.png", "width"] == 24
+
+
+def test_header_only_results_do_not_answer_a_full_scan(tmp_path, home, opened):
+    data = folder(tmp_path / "data", n=2)
+    scan(data, decode=False)
+    opened.clear()
+    scan(data, decode=True)
+    assert len(opened) == 4
+    opened.clear()
+    scan(data, decode=False)  # a full result answers a header-only scan
+    assert opened == []
+
+
+def test_channels_are_checked_after_the_cache(tmp_path, home):
+    data = folder(tmp_path / "data", n=2)
+    assert len(scan(data, channels=3).bad) == 0
+    assert scan(data, channels=1).bad.empty  # RGB reads as gray: fine
+    with pytest.raises(data_mod.DataError, match="4 of 4 files .* are bad .*: wrong channels 4"):
+        scan(data, channels=2)
+
+
+def test_strict_scan_stops_at_the_first_bad_file_and_caches_nothing_unchecked(tmp_path, home):
+    data = folder(tmp_path / "data", n=2)
+    (data / "cat" / "0.png").write_bytes(b"")
+    with pytest.raises(data_mod.DataError, match="0.png: empty file"):
+        scan(data, strict=True)
+    (data / "cat" / "0.png").unlink()
+    assert scan(data).bad.empty  # files the strict scan never reached were not cached as bad
+
+
+class BreakAFile(pl.Callback):
+    """Truncates one training image after the header-only scan passed it, and counts the images trained on."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen = path, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.path.write_bytes(self.path.read_bytes()[:60])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(len(batch[1]))
+
+
+def test_file_broken_after_a_header_scan_is_skipped_recorded_and_nothing_else_is_lost(tmp_path, home):
+    data = folder(tmp_path / "data", n=6)
+    victim = data / "cat" / "3.png"
+    spy = BreakAFile(victim)
+    run = fit(data, "natural", out=tmp_path / "runs", progress=False, callbacks=[spy],
+              overrides=[*TINY, "train.epochs=2", "train.val_fraction=0", "train.scan=header"])
+    skipped = pd.read_csv(run.path / "skipped_during_training.csv")
+    assert set(skipped["path"]) == {str(victim)} and skipped["reason"].str.startswith("truncated").all()
+    assert run.summary["skipped_during_training"] == 1 and run.summary["epochs"] == 2
+    assert sum(spy.seen) == 2 * 11  # both epochs trained on every other image
+    assert pd.read_csv(run.path / "bad_files.csv").empty  # the scan had found nothing
+    startup = json.loads((run.path / "startup.json").read_text())
+    assert list(startup["phases_s"]) == ["scan", "split", "model", "plan", "first_batch"]
+    assert startup["to_first_step_s"] == pytest.approx(sum(startup["phases_s"].values()), abs=0.01)
+
+
+def test_a_batch_of_failures_only_stops_training_naming_a_file(tmp_path):
+    data = folder(tmp_path / "data", n=2)
+    s = scan(data, cache=False)
+    ds = data_mod.ImageDataset(s.items, s.class_to_idx, skipped=tmp_path / "skipped.csv")
+    for p in s.items["path"]:
+        os.remove(p)
+    assert isinstance(ds[0], data_mod.ImageError)
+    with pytest.raises(data_mod.DataError, match=r"every image of a batch failed.*0\.png: missing file"):
+        data_mod.drop_failed([ds[0], ds[1]])
