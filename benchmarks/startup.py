@@ -58,13 +58,13 @@ def check(data: str) -> None:
                       "cold_header/warm": round(header / warm, 1), "load": os.getloadavg()[0]}))
 
 
-def first_step(data: str, repo: str) -> None:
+def first_step(data: str, repo: str, runs: int) -> None:
     with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as runs:
         env = {**os.environ, "FINETUNE_HOME": home, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         script = Path(runs) / "first_step.py"
         script.write_text(FIRST_STEP)
         rows = []
-        for attempt in ("first", "second"):
+        for attempt in ("first", "second")[:runs]:
             wall, out = timed([sys.executable, str(script), data, runs], env, cwd=runs)
             row = {"repo": repo, "run": attempt, "wall_s": round(wall, 1), **json.loads(out.splitlines()[-1])}
             startup = sorted(Path(runs).glob("*/startup.json"), key=os.path.getmtime)
@@ -79,5 +79,6 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["check", "first-step"])
     ap.add_argument("data")
     ap.add_argument("repo", nargs="?")
+    ap.add_argument("--runs", type=int, default=2, help="first-step: runs over the same FINETUNE_HOME (1 or 2)")
     a = ap.parse_args()
-    check(a.data) if a.what == "check" else first_step(a.data, a.repo)
+    check(a.data) if a.what == "check" else first_step(a.data, a.repo, a.runs)

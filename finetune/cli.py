@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true")
     p.add_argument("--allow-outside", action="store_true")
 
+    p = sub.add_parser("pack", help="write checked images and labels as a streamable dataset (litdata) to train from",
+                       description="Scan and split DATA as 'finetune train' would with the recipe, then write each "
+                                   "split in litdata's optimized format to --out (a local folder or s3://, gs://... "
+                                   "URL); 'finetune train DEST' trains from it.")
+    _data_args(p)
+    _recipe_args(p)
+    p.add_argument("--out", "-o", required=True, help="a new folder or an object-store URL")
+    p.add_argument("--workers", type=int, help="processes writing the chunks (default: every core, at most 8)")
+    _scan_arg(p)
+
     p = sub.add_parser("recipes", help="list the shipped recipes, or show one")
     p.add_argument("name", nargs="?")
     return ap
@@ -288,6 +298,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
               max_bad_fraction=1.0, decode=SCAN_MODES[args.scan or "auto"], progress=sys.stderr.isatty())
     print(sc.report())
     return 1 if len(sc.bad) else 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .packed import pack
+    recipe = _load_recipe(args)
+    if args.scan:
+        recipe = recipe.override({"train.scan": args.scan})
+    packed = pack(args.data, recipe, args.out, csv=args.csv, workers=args.workers)
+    counts = ", ".join(f"{s} {n}" for s, n in packed.meta["counts"].items() if n)
+    print(f"packed {len(packed.items)} images in {len(packed.classes)} classes ({counts}; {len(packed.bad)} bad files "
+          f"left out) to {packed.url}\nnext: finetune train {packed.url}")
+    return 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:

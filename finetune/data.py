@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 from . import scancache
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check_channels, examine, read_image, to_unit_float
 
-__all__ = ["DataError", "ImageDataset", "drop_failed", "record_skipped", "SCAN_MODES", "SPLITS", "Scan", "scan", "split"]
+__all__ = ["DataError", "ImageDataset", "PACK_INDEX", "SCAN_MODES", "SPLITS", "Scan", "drop_failed", "is_packed",
+           "record_skipped", "scan", "split"]
 
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "test": "test", "": ""}
 # OS and tool litter, skipped silently like hidden files (names compared lower-case)
+PACK_INDEX = "finetune_pack.json"  # the index file of a dataset written by `finetune pack` (packed.py)
 SCAN_MODES = {"auto": None, "full": True, "header": False}  # train.scan -> scan(decode=...)
 HEADER_ONLY_FROM = 100_000  # files: with decode=None (train.scan: auto) larger sets are checked by their headers only
 _PROCESSES_FROM = 2_000  # files: below, a thread pool (no process start-up), and no progress bar
@@ -150,6 +152,12 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
                 {c: i for i, c in enumerate(classes)}, warnings, info)
 
 
+def is_packed(data: str | os.PathLike | None) -> bool:
+    """Whether ``data`` was written by ``finetune pack``: a folder with its index file, or any URL (s3://...), as
+    image folders are local."""
+    return data is not None and ("://" in str(data) or (Path(data) / PACK_INDEX).is_file())
+
+
 def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
           groups: str | Callable[[str], str] | None = None) -> pd.DataFrame:
     """A copy of ``items`` with ``split`` filled in: rows marked val/test keep their split; if no row is 'val',
@@ -197,19 +205,18 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | ImageError:
-        path = str(self.paths[index])
+        return self.sample(str(self.paths[index]), int(self.targets[index]))
+
+    def sample(self, path: str, target: int, data: bytes | None = None) -> tuple[torch.Tensor, int] | ImageError:
+        """One image (from ``data``, its bytes, if given) read, scaled and transformed, or its recorded error."""
         try:
-            img = read_image(path, self.channels, max_pixels=self.max_pixels)
+            img = read_image(path, self.channels, max_pixels=self.max_pixels, data=data)
         except ImageError as e:
             error = ImageError(path, f"{e.reason} (it passed the scan: changed since? re-run the scan)")
             if self.skipped is None:
                 raise error from None
             record_skipped(self.skipped, path, e.reason)
             return error
-        return self.prepare(img, int(self.targets[index]))
-
-    def prepare(self, img: np.ndarray, target: int) -> tuple[torch.Tensor, int]:
-        """A decoded HxWxC image through ``intensity`` and ``transform``."""
         img = self.intensity(img) if self.intensity is not None else to_unit_float(img)
         if self.transform is not None:
             return self.transform(img), target
@@ -344,7 +351,8 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
         drop[i] = True
         bad.append((rows["path"].iat[i] or f"line {lines[i]}", reason))
 
-    for i, (path, label, name) in enumerate(zip(rows["path"], rows["label"], rows["split"])):
+    paths, labels_ = rows["path"].tolist(), rows["label"].tolist()  # lists: iterating pandas columns is slow
+    for i, (path, label, name) in enumerate(zip(paths, labels_, rows["split"].tolist())):
         if not path:
             mark(i, f"bad row: empty path{where[i]}")
         elif not label:
@@ -353,7 +361,7 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
             mark(i, f"bad row: split '{name}' is not train, val or test{where[i]}")
     if not allow_outside:
         real_root, real_dirs = os.path.realpath(root), {}
-        for i, path in enumerate(rows["path"]):
+        for i, path in enumerate(paths):
             if not drop[i] and not _inside(path, real_root, real_dirs):
                 mark(i, f"outside data root: resolves to {os.path.realpath(path)}, not under {real_root} "
                         f"(set allow_outside if intended)")
@@ -372,7 +380,7 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
                 mark(i, f"conflicting labels: listed as {found}{where[i]}")
     if labels is not None:
         known = set(labels)
-        for i, label in enumerate(rows["label"]):
+        for i, label in enumerate(labels_):
             if not drop[i] and label not in known:
                 mark(i, f"unknown label: '{label}' is not in the label list{where[i]}")
     rows = rows[~drop].copy()
@@ -397,12 +405,13 @@ def _check_files(paths: list[str], channels: int, decode: bool, max_pixels: int,
     check = functools.partial(_examine_all, decode=decode, max_pixels=max_pixels, workers=workers,
                               progress=progress, stop=strict)
     found = scancache.checked(paths, decode, max_pixels, check)[0] if cache else check(paths)
-    results = []
+    results, names = [], {}  # str(dtype) per file would cost seconds per million
     for path, info in zip(paths, found):
         if isinstance(info, ImageInfo):
             try:
                 _check_channels(path, info.channels, info.alpha, channels)
-                info = (path, info.width, info.height, info.channels, str(info.dtype))
+                name = names.get(info.dtype) or names.setdefault(info.dtype, str(info.dtype))
+                info = (path, info.width, info.height, info.channels, name)
             except ImageError as e:
                 info = e.reason
         if strict and not isinstance(info, tuple):

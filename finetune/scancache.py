@@ -82,8 +82,10 @@ def _lookup(db: sqlite3.Connection, paths: list[str], max_pixels: int) -> dict[s
     db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((p,) for p in paths))
     rows = db.execute("SELECT f.path, size, mtime_ns, decoded, width, height, channels, alpha, dtype, reason "
                       "FROM files f JOIN wanted w ON f.path = w.path WHERE max_pixels = ?", (max_pixels,))
+    dtypes: dict[str, np.dtype] = {}  # np.dtype(name) per row would cost seconds per million
     return {p: (size, mtime, decoded, reason if reason is not None else
-                ImageInfo(width, height, channels, np.dtype(dtype), bool(alpha)))
+                ImageInfo(width, height, channels, dtypes.get(dtype) or dtypes.setdefault(dtype, np.dtype(dtype)),
+                          bool(alpha)))
             for p, size, mtime, decoded, width, height, channels, alpha, dtype, reason in rows}
 
 

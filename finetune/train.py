@@ -1,6 +1,7 @@
 """``fit``: from an image folder (or CSV) and a recipe to a trained model in a new run folder."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from . import augment, cache, freeze
 from .backbone import create_backbone
-from .data import SCAN_MODES, DataError, scan, split
+from .data import SCAN_MODES, DataError, is_packed, scan, split
 from .datamodule import ImageDataModule
 from .freeze import Plan
 from .images import dataset_percentiles
@@ -32,7 +33,14 @@ _RUN_ENV = "FINETUNE_RUN"  # rank 0's run folder, inherited by the DDP processes
 
 def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None, progress: bool = False,
             timer: StartupTimer | None = None) -> tuple[pd.DataFrame, list[str], Any]:
-    """Scan the data, split it when no validation set is given; returns (items with split, classes, scan)."""
+    """Scan the data, split it when no validation set is given; returns (items with split, classes, scan). Packed
+    data (``finetune pack``) comes split and checked: its items, classes and a PackedData in place of the scan."""
+    if is_packed(data):
+        from .packed import PackedData
+        packed = PackedData(str(data))
+        packed.check(recipe)
+        timer and timer.mark("index")
+        return packed.items, packed.classes, packed
     t = recipe.train
     sc = scan(data, csv=csv, channels=augment.read_channels(recipe), strict=t.strict,
               allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction,
@@ -104,6 +112,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         run = shared or Run.open(resume)
         recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
         pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
+        packed = run.read_json("data.json").get("packed")
         ckpt = None if shared else run.checkpoint("last")
         b = recipe_obj.backbone
         start = bool(shared) and b.pretrained  # another rank of a new run starts from rank 0's weights
@@ -123,6 +132,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                                 in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
         timer.mark("model")
         pre = _preprocess(recipe_obj, model, items)
+        packed = getattr(sc, "url", None)
         run = Run.create(out, name, stem)
         run.write_new("recipe.yaml", recipe_obj.to_yaml())
         run.write_json("classes.json", classes)
@@ -133,14 +143,14 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
         timer.mark("plan")
-        run.write_json("data.json", {"preprocess": pre.to_dict(),
+        run.write_json("data.json", {"preprocess": pre.to_dict(), "packed": packed,
                                      "weights_source": getattr(model, "finetune_source", None)})
         ckpt = None
     t = recipe_obj.train
     plan.prepare(model)
     pl.seed_everything(t.seed, workers=True, verbose=False)
     train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
-    dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
+    dm = _datamodule(packed)(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
                          train_transform=train_tf, eval_transform=pre.eval_transform(),
                          intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
                          seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels,
@@ -172,6 +182,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     timer.run = run
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")  # litdata's: exact
         warnings.filterwarnings("ignore", message=".*LightningModule.*has parameters that were not used.*")
         os.environ[_RUN_ENV] = str(run.path.resolve())  # for the processes Lightning's DDP launcher starts
         try:
@@ -181,6 +192,14 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     if trainer.global_rank == 0:
         _finish(run, trainer, best, started, resumed=resume is not None)
     return run
+
+
+def _datamodule(packed: str | None):
+    """ImageDataModule, or for packed data (its URL) the one streaming it: the data source's only seam."""
+    if packed is None:
+        return ImageDataModule
+    from .packed import PackedDataModule
+    return functools.partial(PackedDataModule, packed)
 
 
 def _skipped_csv(run: Run) -> Path:

@@ -145,3 +145,109 @@ def test_a_batch_of_failures_only_stops_training_naming_a_file(tmp_path):
     assert isinstance(ds[0], data_mod.ImageError)
     with pytest.raises(data_mod.DataError, match=r"every image of a batch failed.*0\.png: missing file"):
         data_mod.drop_failed([ds[0], ds[1]])
+
+
+# -- packed data --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """The textures folder (3 classes, val/ given) with two bad files, and its packed copy."""
+    from finetune.packed import pack
+    from finetune.recipe import load_recipe
+    from finetune.examples import texture_folder
+    root = tmp_path_factory.mktemp("pack")
+    data = texture_folder(root / "textures", patch=64, val_every=4)
+    (data / "train" / "brick" / "empty.png").write_bytes(b"")
+    dest = pack(data, load_recipe("natural"), str(root / "packed")).url
+    return data, Path(dest)
+
+
+def test_pack_keeps_classes_splits_and_report_and_never_overwrites(packed, tmp_path):
+    from finetune.packed import PackedData, pack
+    from finetune.recipe import load_recipe
+    from finetune.train import prepare
+    data, dest = packed
+    items, classes, sc = prepare(data, load_recipe("natural"))
+    p = PackedData(str(dest))
+    assert p.classes == classes
+    pd.testing.assert_frame_equal(p.items, items[["path", "label", "split"]].reset_index(drop=True))
+    assert p.bad["path"].map(os.path.basename).tolist() == ["empty.png"]
+    assert sorted(os.listdir(dest)) == ["finetune_pack.json", "train", "val"]
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        pack(data, load_recipe("natural"), str(dest))
+
+
+def test_train_from_packed_data_writes_the_same_run_folder(packed, tmp_path):
+    data, dest = packed
+    runs = tmp_path / "runs"
+    folder_run = fit(data, "natural", out=runs, name="folder", progress=False, overrides=TINY)
+    packed_run = fit(dest, "natural", out=runs, name="packed", progress=False, overrides=TINY)
+    assert packed_run.classes == folder_run.classes
+    pd.testing.assert_frame_equal(packed_run.items, folder_run.items)
+    assert pd.read_csv(packed_run.path / "bad_files.csv").equals(pd.read_csv(folder_run.path / "bad_files.csv"))
+    assert packed_run.read_json("data.json")["packed"] == str(dest)
+    logged = pd.read_csv(packed_run.path / "metrics.csv")
+    assert logged["val_acc"].notna().any() and packed_run.summary["epochs"] == 1
+    assert list(json.loads((packed_run.path / "startup.json").read_text())["phases_s"]) == [
+        "index", "model", "plan", "first_batch"]
+
+
+def test_packed_run_resumes_at_an_epoch_boundary(packed, tmp_path):
+    data, dest = packed
+
+    class StopAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("stopped")  # after the first epoch's checkpoint
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(dest, "natural", out=tmp_path, name="r", progress=False, callbacks=[StopAfterFirstEpoch()],
+            overrides=[*TINY, "train.epochs=2"])
+    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
+    run = fit(resume=tmp_path / "r", progress=False)
+    epochs = pd.read_csv(run.path / "metrics.csv").dropna(subset=["val_acc"])["epoch"].tolist()
+    assert run.summary["epochs"] == 2 and epochs == [0, 1]
+
+
+def test_packed_refuses_what_needs_the_files(packed, tmp_path):
+    _, dest = packed
+    with pytest.raises(data_mod.DataError, match="image.intensity: dataset reads the image files"):
+        fit(dest, "natural", out=tmp_path, progress=False, overrides=[*TINY, "image.intensity=dataset"])
+    with pytest.raises(data_mod.DataError, match="loss.balance: sampler needs random access"):
+        fit(dest, "natural", out=tmp_path, progress=False, overrides=[*TINY, "loss.balance=sampler"])
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import pytorch_lightning as pl
+    from finetune import fit
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.paths = []
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.paths.append(len(batch[1]))
+        def on_train_epoch_end(self, trainer, pl_module):
+            with open(f"{sys.argv[2]}/rank{trainer.global_rank}.json", "w") as f:
+                json.dump({"world": trainer.world_size, "images": sum(self.paths)}, f)
+
+    if __name__ == "__main__":
+        fit(sys.argv[1], "natural", out=sys.argv[2], name="ddp", progress=False, callbacks=[Record()],
+            overrides=["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp", "train.epochs=1",
+                       "image.size=32", "train.batch_size=16", "train.num_workers=0"])
+''')
+
+
+def test_two_process_ddp_streams_disjoint_halves_of_packed_data(packed, tmp_path):
+    _, dest = packed
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(dest), str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["images"] == ranks[1]["images"] == 144 // 2  # each rank its half of the 144 training images
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp"]
+    assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["val_acc"].notna().any()
