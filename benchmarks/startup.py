@@ -58,13 +58,13 @@ def check(data: str) -> None:
                       "cold_header/warm": round(header / warm, 1), "load": os.getloadavg()[0]}))
 
 
-def first_step(data: str, repo: str, runs: int) -> None:
+def first_step(data: str, repo: str, n_runs: int) -> None:
     with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as runs:
         env = {**os.environ, "FINETUNE_HOME": home, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         script = Path(runs) / "first_step.py"
         script.write_text(FIRST_STEP)
         rows = []
-        for attempt in ("first", "second")[:runs]:
+        for attempt in ("first", "second")[:n_runs]:
             wall, out = timed([sys.executable, str(script), data, runs], env, cwd=runs)
             row = {"repo": repo, "run": attempt, "wall_s": round(wall, 1), **json.loads(out.splitlines()[-1])}
             startup = sorted(Path(runs).glob("*/startup.json"), key=os.path.getmtime)
