@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,12 +36,18 @@ fit(sys.argv[1], "natural", out=sys.argv[2], progress=False, callbacks=[Stop()],
 '''
 
 
-def timed(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, str]:
-    t = time.perf_counter()
+def timed(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (the command and every process it started) and its output."""
+    t, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run(["nice", "-n", "5", *cmd], env=env, cwd=cwd, capture_output=True, text=True)
     if done.returncode not in (0, 1):
         sys.exit(f"{cmd} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - t, done.stdout
+    return time.perf_counter() - t, _children_cpu() - cpu, done.stdout
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def check(data: str) -> None:
@@ -48,14 +55,17 @@ def check(data: str) -> None:
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "FINETUNE_HOME": home, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "finetune.cli", "check", data]
-        header, _ = timed([*cmd, "--scan", "header"], env)
-        os.remove(Path(home) / "scan.sqlite")
-        full, out = timed([*cmd, "--scan", "full"], env)
-        warm, _ = timed([*cmd, "--scan", "full"], env)
-    files = out.splitlines()[1]
-    print(json.dumps({"data": data, "files": files, "cold_full_s": round(full, 1), "cold_header_s": round(header, 1),
-                      "warm_s": round(warm, 1), "cold_full/warm": round(full / warm, 1),
-                      "cold_header/warm": round(header / warm, 1), "load": os.getloadavg()[0]}))
+        header = timed([*cmd, "--scan", "header"], env)
+        for f in Path(home).glob("scan.sqlite*"):
+            f.unlink()
+        full = timed([*cmd, "--scan", "full"], env)
+        warm = timed([*cmd, "--scan", "full"], env)
+    row = {"data": data, "files": full[2].splitlines()[1]}
+    for i, unit in ((0, "wall"), (1, "cpu")):
+        row.update({f"cold_full_{unit}_s": round(full[i], 1), f"cold_header_{unit}_s": round(header[i], 1),
+                    f"warm_{unit}_s": round(warm[i], 1), f"cold_full/warm {unit}": round(full[i] / warm[i], 1),
+                    f"cold_header/warm {unit}": round(header[i] / warm[i], 1)})
+    print(json.dumps({**row, "load": os.getloadavg()[0]}))
 
 
 def first_step(data: str, repo: str, n_runs: int) -> None:
@@ -65,8 +75,9 @@ def first_step(data: str, repo: str, n_runs: int) -> None:
         script.write_text(FIRST_STEP)
         rows = []
         for attempt in ("first", "second")[:n_runs]:
-            wall, out = timed([sys.executable, str(script), data, runs], env, cwd=runs)
-            row = {"repo": repo, "run": attempt, "wall_s": round(wall, 1), **json.loads(out.splitlines()[-1])}
+            wall, cpu, out = timed([sys.executable, str(script), data, runs], env, cwd=runs)
+            row = {"repo": repo, "run": attempt, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                   **json.loads(out.splitlines()[-1]), "load": os.getloadavg()[0]}
             startup = sorted(Path(runs).glob("*/startup.json"), key=os.path.getmtime)
             if startup and len(startup) == len(rows) + 1:
                 row["startup"] = json.loads(startup[-1].read_text())

@@ -37,7 +37,11 @@ def pack(data: str | os.PathLike | None, recipe: Recipe, out: str, *, csv: str |
     """Scan and split ``data`` as ``finetune train`` would with ``recipe`` (bad files left out and reported),
     then write every split to ``out`` (a new local folder, or an s3:// gs:// ... URL litdata can write to)."""
     from .train import prepare
-    if _provider(out).exists(_join(out, PACK_INDEX)) if "://" in out else Path(out).exists() and any(Path(out).iterdir()):
+    if "://" in out:
+        taken = _provider(out).exists(_join(out, PACK_INDEX))
+    else:
+        taken = Path(out).exists() and any(Path(out).iterdir())
+    if taken:
         raise FileExistsError(f"{out} exists and is not empty: pack never overwrites; choose another --out")
     items, classes, sc = prepare(data, recipe, csv=csv, progress=True)
     items = items.reset_index(drop=True)
@@ -112,14 +116,19 @@ class PackedDataModule(ImageDataModule):
                             "use loss.balance: weights")
         self.url = url
 
-    def dataset(self, split: str, train_transform: bool = False, shuffle: bool = False) -> "PackedDataset":
+    def dataset(self, split: str, train_transform: bool = False, shuffle: bool = False):
+        """The split streamed, or an empty ImageDataset for a split that was not packed."""
         decode = ImageDataset(self._part(split).iloc[:0], self.class_to_idx, channels=self.read_channels,
                               transform=self.train_transform if train_transform else self.eval_transform,
                               intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped)
+        if self._part(split).empty:
+            return decode
         return PackedDataset(_join(self.url, split), decode, self.items["path"].to_numpy(dtype=str), shuffle=shuffle,
                              seed=self.seed)
 
     def _loader(self, dataset, sampler=None, shuffle: bool = False) -> DataLoader:
+        if not isinstance(dataset, PackedDataset):
+            return super()._loader(dataset)
         return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                    collate_fn=drop_failed)
 

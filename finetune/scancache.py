@@ -30,8 +30,9 @@ Result = ImageInfo | str
 
 
 def cache_file() -> Path:
-    from .backbone import _finetune_home
-    return _finetune_home() / "scan.sqlite"
+    """``$FINETUNE_HOME/scan.sqlite``: the home as backbone._finetune_home reads it, without importing timm (seconds,
+    which a cached scan must not spend)."""
+    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune").expanduser() / "scan.sqlite"
 
 
 def checked(paths: list[str], decode: bool, max_pixels: int, check: Callable[[list[str]], list[Result]],

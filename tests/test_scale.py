@@ -263,3 +263,13 @@ def test_two_process_ddp_streams_a_share_of_packed_data_to_each_rank(packed, tmp
     assert ranks[0]["images"] == ranks[1]["images"] and 144 - 2 * 16 < 2 * ranks[0]["images"] <= 144
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp"]
     assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["val_acc"].notna().any()
+
+
+def test_packed_data_without_a_validation_split_trains(tmp_path):
+    from finetune.packed import pack
+    from finetune.recipe import load_recipe
+    data = folder(tmp_path / "data", n=4)
+    dest = pack(data, load_recipe("natural").override(["train.val_fraction=0"]), str(tmp_path / "packed")).url
+    assert sorted(os.listdir(dest)) == ["finetune_pack.json", "train"]
+    run = fit(dest, "natural", out=tmp_path / "runs", progress=False, overrides=[*TINY, "train.val_fraction=0"])
+    assert run.summary["epochs"] == 1 and set(run.items["split"]) == {"train"}
