@@ -40,7 +40,7 @@ def timed(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, flo
     """Wall seconds, CPU seconds (the command and every process it started) and its output."""
     t, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run(["nice", "-n", "5", *cmd], env=env, cwd=cwd, capture_output=True, text=True)
-    if done.returncode not in (0, 1):
+    if done.returncode not in (0, 1) or not done.stdout.strip():
         sys.exit(f"{cmd} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - t, _children_cpu() - cpu, done.stdout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import zlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -427,7 +428,9 @@ def _examine_all(paths: list[str], decode: bool, max_pixels: int, workers: int |
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     many = len(paths) >= _PROCESSES_FROM and cores > 1
     if many:
-        pool = ProcessPoolExecutor(workers or cores, mp_context=multiprocessing.get_context("forkserver"))
+        # fork as DataLoader workers do: a spawned or forkserver child would re-run an unguarded user script
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+        pool = ProcessPoolExecutor(workers or cores, mp_context=context)
     else:
         pool = ThreadPoolExecutor(workers or min(16, cores + 4))
     check = functools.partial(examine, decode=decode, max_pixels=max_pixels)

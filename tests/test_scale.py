@@ -273,3 +273,12 @@ def test_packed_data_without_a_validation_split_trains(tmp_path):
     assert sorted(os.listdir(dest)) == ["finetune_pack.json", "train"]
     run = fit(dest, "natural", out=tmp_path / "runs", progress=False, overrides=[*TINY, "train.val_fraction=0"])
     assert run.summary["epochs"] == 1 and set(run.items["split"]) == {"train"}
+
+
+def test_process_pool_scan_gives_what_the_thread_pool_gives(tmp_path, home, monkeypatch):
+    data = folder(tmp_path / "data", n=3)
+    (data / "dog" / "bad.png").write_bytes(b"not a png")
+    threads = scan(data, max_bad_fraction=1, cache=False)
+    monkeypatch.setattr(data_mod, "_PROCESSES_FROM", 1)  # processes (fork) and the progress bar from one file on
+    processes = scan(data, max_bad_fraction=1, cache=False, progress=True)
+    assert processes.report() == threads.report() and len(processes.bad) == 1
