@@ -3,11 +3,11 @@ split it, and serve it as a torch Dataset."""
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import re
 import sys
 import zlib
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import scancache
-from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check_channels, examine, read_image, to_unit_float
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check_channels, examine, read_image,
+                     to_unit_float)
 
 __all__ = ["DataError", "ImageDataset", "PACK_INDEX", "SCAN_MODES", "SPLITS", "Scan", "drop_failed", "is_packed",
            "record_skipped", "scan", "split"]
@@ -27,11 +28,11 @@ __all__ = ["DataError", "ImageDataset", "PACK_INDEX", "SCAN_MODES", "SPLITS", "S
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "test": "test", "": ""}
-# OS and tool litter, skipped silently like hidden files (names compared lower-case)
 PACK_INDEX = "finetune_pack.json"  # the index file of a dataset written by `finetune pack` (packed.py)
 SCAN_MODES = {"auto": None, "full": True, "header": False}  # train.scan -> scan(decode=...)
 HEADER_ONLY_FROM = 100_000  # files: with decode=None (train.scan: auto) larger sets are checked by their headers only
 _PROCESSES_FROM = 2_000  # files: below, a thread pool (no process start-up), and no progress bar
+# OS and tool litter, skipped silently like hidden files (names compared lower-case)
 _LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin",
                      "system volume information", "icon\r"})
 
@@ -111,9 +112,10 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     files pass: the training loader skips and records them); ``None`` does so from HEADER_ONLY_FROM files on.
     Results are cached by path, size and modification time (``cache``, see scancache), so unchanged files are
     not opened again; ``progress`` shows a bar on long scans. ``labels`` fixes the class list; other labels are
-    bad. Classes with fewer than ``min_per_class`` images are left out with a warning. Raises DataError when more than ``max_bad_fraction``
-    of the files are bad (files with a non-image extension that are not images are listed but not counted:
-    sidecar .txt/.json files are common), when nothing usable is left, and at the first bad file if ``strict``.
+    bad. Classes with fewer than ``min_per_class`` images are left out with a warning. Raises DataError when more
+    than ``max_bad_fraction`` of the files are bad (files with a non-image extension that are not images are
+    listed but not counted: sidecar .txt/.json files are common), when nothing usable is left, and at the first
+    bad file if ``strict``.
     """
     root, csv = _locate(root, csv)
     warnings: list[str] = []
