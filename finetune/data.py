@@ -11,16 +11,18 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from . import scancache
 from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check_channels, examine, read_image,
                      to_unit_float)
+
+if TYPE_CHECKING:  # torch is imported where a dataset is read: a (cached) scan need not wait seconds for it
+    import torch
 
 __all__ = ["DataError", "ImageDataset", "PACK_INDEX", "SCAN_MODES", "SPLITS", "Scan", "drop_failed", "is_packed",
            "record_skipped", "scan", "split"]
@@ -184,8 +186,8 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     return out
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """``(tensor, label_index)`` per row of ``items``: read_image, then ``intensity`` (default
+class ImageDataset:
+    """A map-style dataset (what torch's DataLoader takes): ``(tensor, label_index)`` per row of ``items``: read_image, then ``intensity`` (default
     ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default: HxWxC -> CxHxW tensor).
     With ``skipped`` (a CSV path), a file that fails to read is appended there and returned as its ImageError,
     which :func:`drop_failed` leaves out of the batch; without, the error is raised."""
@@ -223,6 +225,7 @@ class ImageDataset(torch.utils.data.Dataset):
         img = self.intensity(img) if self.intensity is not None else to_unit_float(img)
         if self.transform is not None:
             return self.transform(img), target
+        import torch
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), target
 
 
@@ -240,7 +243,8 @@ def drop_failed(batch: list) -> Any:
     if not good:
         raise DataError(f"every image of a batch failed to read, e.g. {batch[0]}: the data changed since the scan "
                         f"(moved, unmounted?); fix it and resume the run")
-    return torch.utils.data.default_collate(good)
+    from torch.utils.data import default_collate
+    return default_collate(good)
 
 
 # -- finding files -----------------------------------------------------------------------------------------------
