@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from .data import ImageDataset, drop_failed
 
@@ -51,22 +51,10 @@ class EpochSampler(Sampler):
         return iter(pairs[self.rank::self.world])
 
 
-def shard(dm: pl.LightningDataModule) -> tuple[int, int]:
-    """(rank, world size) of the trainer a data module is attached to; (0, 1) outside one."""
-    t = dm.trainer
-    return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
-
-def eval_sampler(dm: pl.LightningDataModule, dataset: Dataset) -> Sampler | None:
-    """Each rank evaluates its share, in order (the trainer's distributed sampler is off: we shard ourselves)."""
-    rank, world = shard(dm)
-    return DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
-
-
 class SeededDataset(Dataset):
     """Accepts ``(index, seed)`` keys from :class:`EpochSampler` and seeds the augmentation for that sample."""
 
-    def __init__(self, base: ImageDataset, transform):
+    def __init__(self, base: Dataset, transform):
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
@@ -93,17 +81,20 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size, self.seed, self.balance, self.max_pixels = batch_size, seed, balance, max_pixels
         self.num_workers = default_workers() if num_workers == "auto" else int(num_workers)
         self.skipped = skipped  # CSV where files that fail to read are recorded and left out (data.drop_failed)
+        self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> a linear probe's cached features
 
     def _part(self, split: str) -> pd.DataFrame:
         return self.items[self.items["split"] == split].reset_index(drop=True)
 
-    def dataset(self, split: str, train_transform: bool = False) -> ImageDataset:
+    def dataset(self, split: str, train_transform: bool = False) -> Dataset:
+        if split in self.features:
+            return TensorDataset(*self.features[split])
         return ImageDataset(self._part(split), self.class_to_idx, channels=self.read_channels,
                             transform=self.train_transform if train_transform else self.eval_transform,
                             intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
-        workers = self.num_workers
+        workers = 0 if self.features else self.num_workers
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=shuffle,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available(), drop_last=False, collate_fn=drop_failed)
@@ -115,18 +106,24 @@ class ImageDataModule(pl.LightningDataModule):
         labels = self._part("train")["label"]
         return (1.0 / labels.map(labels.value_counts())).to_numpy()
 
+    def _rank(self) -> tuple[int, int]:
+        """(rank, world size): the trainer's distributed sampler is off, the loaders shard by rank themselves."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         base = self.dataset("train", train_transform=True)
         return self._loader(SeededDataset(base, self.train_transform),
-                            EpochSampler(len(base), self.seed, self.sampler_weights(), *shard(self)))
+                            EpochSampler(len(base), self.seed, self.sampler_weights(), *self._rank()))
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds, (rank, world) = self.dataset(split), self._rank()  # each rank evaluates its share, in order
+        return self._loader(ds, DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None)
 
     def val_dataloader(self) -> DataLoader:
-        ds = self.dataset("val")
-        return self._loader(ds, eval_sampler(self, ds))
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        ds = self.dataset("test")
-        return self._loader(ds, eval_sampler(self, ds))
+        return self._eval_loader("test")
 
     def adapt_dataloader(self) -> DataLoader:
         """Training images through the evaluation pipeline, for re-estimating BN statistics (AdaBN)."""

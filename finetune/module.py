@@ -62,16 +62,13 @@ class Classifier(pl.LightningModule):
         if not self.plan.adapted:
             adapt_bn(self.model, self.plan, getattr(self.trainer.datamodule, "adapt_dataloader", list)())
 
-    def on_train_start(self) -> None:
-        self._sampler_epoch()  # also after a resume, where Lightning skips the first on_train_epoch_start
-
     def on_train_epoch_start(self) -> None:
-        self._sampler_epoch()
-
-    def _sampler_epoch(self) -> None:
+        """A new sample order every epoch, on any Lightning version (ours sets it, not Lightning's wrapper)."""
         sampler = getattr(self.trainer.train_dataloader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.current_epoch)
+
+    on_train_start = on_train_epoch_start  # after a resume, Lightning skips the first on_train_epoch_start
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._epoch == self.current_epoch:

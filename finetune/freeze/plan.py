@@ -62,13 +62,6 @@ class Plan:
     inputs: dict = field(default_factory=dict)
     adapted: bool = False  # BN statistics of 'adapt' groups already re-estimated
 
-    def trainable(self, epoch: int = 0) -> list[bool]:
-        return [g.trains_at(epoch) for g in self.groups]
-
-    def lr_mults(self, epoch: int = 0) -> list[float]:
-        """Learning-rate multiplier of every group at ``epoch`` (0 while a group is fixed)."""
-        return [g.lr_mult if g.live_at(epoch) else 0.0 for g in self.groups]
-
     @property
     def fixed_depth(self) -> int:
         """Leading groups that never train (the prefix that costs a forward pass only)."""
@@ -161,16 +154,13 @@ def n_body_groups(model: torch.nn.Module) -> int:
     return len([s for s in stages(model) if s.kind != "head"])
 
 
-def _has_bn(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, _BN) for m in model.modules())
-
-
 def from_decision(model: torch.nn.Module, d: rule.Decision) -> Plan:
     """The plan a decision makes for ``model`` (whose backbone has ``d.n_groups`` groups)."""
     fixed_names = [s.name for s in stages(model) if s.kind != "head"][:d.depth]
     return make_plan(model, d.depth, base_mult=d.base_mult, decay=d.decay, bn_fixed=d.bn_fixed,
                      bn_trained=d.bn_trained, schedule=d.schedule, epochs=d.epochs, probe_epochs=d.probe_epochs,
-                     reasons=rule.explain(d, fixed_names, _has_bn(model)), inputs=d.inputs())
+                     reasons=rule.explain(d, fixed_names, any(isinstance(m, _BN) for m in model.modules())),
+                     inputs=d.inputs())
 
 
 def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | None = None,

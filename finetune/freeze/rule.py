@@ -102,21 +102,9 @@ class Decision:
     probe_epochs: int | None
     bn_chosen: bool = True  # the BN modes came from the rule, not from the recipe
 
-    @property
-    def per_class(self) -> float:
-        return self.n_train / max(self.n_classes, 1)
-
-    @property
-    def score(self) -> float:
-        return data_score(self.n_train, self.n_classes)
-
-    @property
-    def share(self) -> float:
-        return trainable_share(self.n_train, self.n_classes, self.distance)
-
-    @property
-    def trained(self) -> int:
-        return self.n_groups - self.depth
+    per_class = property(lambda self: self.n_train / max(self.n_classes, 1))
+    score = property(lambda self: data_score(self.n_train, self.n_classes))
+    share = property(lambda self: trainable_share(self.n_train, self.n_classes, self.distance))
 
     def inputs(self) -> dict:
         return {"n_train": self.n_train, "n_classes": self.n_classes, "distance": self.distance,
@@ -150,7 +138,7 @@ def explain(d: Decision, fixed_names: list[str] = (), has_bn: bool = True) -> li
     far = ("far from ImageNet's natural photos" if d.distance >= 0.6 else
            "midway between ImageNet's natural photos and far domains such as microscopy"
            if d.distance >= ADAPT_FROM else "close to ImageNet's natural photos")
-    k = d.trained
+    k = d.n_groups - d.depth
     reasons = [
         f"{d.per_class:.0f} images a class ({d.n_train} training images, {d.n_classes} classes): data score "
         f"{d.score:.2f} (log scale: 1 image a class is 0, 1000 is 1). Fewer examples: more weights stay fixed.",
