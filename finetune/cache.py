@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .backbone import _finetune_home
+from .data import drop_failed
 from .datamodule import ImageDataModule
 from .freeze import Plan, adapt_bn
 from .module import Classifier
@@ -133,7 +134,8 @@ def load_or_compute(model: torch.nn.Module, images: ImageDataModule, key: str,
     for split in ("train", "val", "test"):
         ds = images.dataset(split)
         if len(ds):
-            loader = DataLoader(ds, batch_size=images.batch_size, num_workers=images.num_workers)
+            loader = DataLoader(ds, batch_size=images.batch_size, num_workers=images.num_workers,
+                                collate_fn=drop_failed)
             splits[split] = extract(model, loader, device)
     state = {"key": key, "splits": {s: {"features": f, "labels": y} for s, (f, y) in splits.items()}}
     atomic_write(path, lambda file: torch.save(state, file))

@@ -23,6 +23,12 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--csv", help="a CSV of path,label[,split] instead of (or relative to) the folder")
 
 
+def _scan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scan", choices=["auto", "full", "header"],
+                   help="decode every image (full), read headers only (header: files that fail later are skipped "
+                        "and recorded during training), or full below 100,000 files (auto, the default)")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     """The options of a training run, shared by ``train`` and ``plan`` (which previews that exact run)."""
     _recipe_args(p)
@@ -40,6 +46,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerator", help="auto (default), cpu, gpu")
     p.add_argument("--deterministic", action="store_true", help="reproducible to the bit (slower)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    _scan_arg(p)
     p.add_argument("--allow-outside", action="store_true",
                    help="allow relative CSV paths and symlinks that lead out of the data folder")
 
@@ -122,9 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=False)
     p.add_argument("--channels", type=int, default=3,
                    help="channels the recipe reads: files with others are reported (default: 3)")
+    _scan_arg(p)
     p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of listing them all")
     p.add_argument("--allow-outside", action="store_true",
                    help="allow relative CSV paths and symlinks that lead out of the data folder")
+
+    p = sub.add_parser("pack", help="write checked images and labels as a streamable dataset (litdata) to train from",
+                       description="Scan and split DATA as 'finetune train' would with the recipe, then write each "
+                                   "split in litdata's optimized format to --out (a local folder or s3://, gs://... "
+                                   "URL); 'finetune train DEST' trains from it.")
+    _data_args(p)
+    _recipe_args(p)
+    p.add_argument("--out", "-o", required=True, help="a new folder or an object-store URL")
+    p.add_argument("--workers", type=int, help="processes writing the chunks (default: every core, at most 8)")
+    _scan_arg(p)
 
     p = sub.add_parser("recipes", help="list the shipped recipes, or show one")
     p.add_argument("name", nargs="?", help="a recipe to show with its comments (default: list them all)")
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 _FLAG_KEYS = {"backbone": "backbone.name", "weights": "backbone.weights", "epochs": "train.epochs",
               "batch_size": "train.batch_size", "lr": "optim.lr", "image_size": "image.size",
               "precision": "train.precision", "devices": "train.devices", "num_nodes": "train.num_nodes",
-              "strategy": "train.strategy", "accelerator": "train.accelerator"}
+              "strategy": "train.strategy", "accelerator": "train.accelerator", "scan": "train.scan"}
 _SWITCH_KEYS = {"deterministic": "train.deterministic", "strict": "train.strict", "allow_outside": "train.allow_outside"}
 
 #: what the library says in Python words -> the command-line words. A rule with a flag applies only where the
@@ -328,16 +346,28 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .data import DataError, scan
+    from .data import SCAN_MODES, DataError, scan
     if not args.data and not args.csv:
         raise ValueError("give an image folder, or --csv FILE (paths in it relative to the CSV's folder)")
-    sc = scan(args.data, csv=args.csv, channels=args.channels, strict=args.strict,
-              allow_outside=args.allow_outside, max_bad_fraction=1.0)
+    sc = scan(args.data, csv=args.csv, channels=args.channels, strict=args.strict, allow_outside=args.allow_outside,
+              max_bad_fraction=1.0, decode=SCAN_MODES[args.scan or "auto"], progress=sys.stderr.isatty())
     print(_cli_words(sc.report(), args), end="")
     if len(sc.classes) < 2:
         raise DataError(f"{sc.source}: {len(sc.classes)} class ({', '.join(sc.classes)}); a classifier needs at "
                         f"least two: one sub-folder per class, or two labels in the CSV")
     return 1 if len(sc.bad) else 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .packed import pack
+    recipe = _load_recipe(args)
+    if args.scan:
+        recipe = recipe.override({"train.scan": args.scan})
+    packed = pack(args.data, recipe, args.out, csv=args.csv, workers=args.workers)
+    counts = ", ".join(f"{s} {n}" for s, n in packed.meta["counts"].items() if n)
+    print(f"packed {len(packed.items)} images in {len(packed.classes)} classes ({counts}; {len(packed.bad)} bad files "
+          f"left out) to {packed.url}\nnext: finetune train {packed.url}")
+    return 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:

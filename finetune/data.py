@@ -3,26 +3,37 @@ split it, and serve it as a torch Dataset."""
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import re
+import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
+from tqdm.auto import tqdm
 
-from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, _check_channels, _read_native, probe, read_image,
+from . import scancache
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check_channels, examine, read_image,
                      to_unit_float)
 
-__all__ = ["DataError", "ImageDataset", "SPLITS", "Scan", "bad_files_note", "default_workers", "scan", "split"]
+if TYPE_CHECKING:  # torch is imported where a dataset is read: a (cached) scan need not wait seconds for it
+    import torch
+
+__all__ = ["DataError", "ImageDataset", "PACK_INDEX", "SCAN_MODES", "SPLITS", "Scan", "bad_files_note",
+           "default_workers", "drop_failed", "is_packed", "record_skipped", "scan", "split"]
 
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "test": "test", "": ""}
+PACK_INDEX = "finetune_pack.json"  # the index file of a dataset written by `finetune pack` (packed.py)
+SCAN_MODES = {"auto": None, "full": True, "header": False}  # train.scan -> scan(decode=...)
+HEADER_ONLY_FROM = 100_000  # files: with decode=None (train.scan: auto) larger sets are checked by their headers only
+_PROCESSES_FROM = 2_000  # files: below, a thread pool (no process start-up), and no progress bar
 # OS and tool litter, skipped silently like hidden files (names compared lower-case)
 _LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin",
                      "system volume information", "icon\r"})
@@ -91,19 +102,23 @@ class Scan:
 
 def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None, channels: int = 3,
          labels: Sequence[str] | None = None, strict: bool = False, allow_outside: bool = False,
-         max_bad_fraction: float = 0.2, min_per_class: int = 1, decode: bool = True,
-         max_pixels: int = MAX_PIXELS, workers: int | None = None) -> Scan:
+         max_bad_fraction: float = 0.2, min_per_class: int = 1, decode: bool | None = True,
+         max_pixels: int = MAX_PIXELS, workers: int | None = None, cache: bool = True,
+         progress: bool = False) -> Scan:
     """List a dataset's images and check each one, skipping bad files with a reason.
 
     Layouts: ``root/<class>/...`` (sub-folders searched too), ``root/{train,val,test}/<class>/...`` (splits used as
     given), or ``csv`` with columns ``path,label[,split]``; CSV paths are relative to ``root``, or to the CSV's
     folder when ``root`` is None, and a relative ``csv`` not found from the working folder is looked up in ``root``.
     Absolute CSV paths are taken as written; relative ones and symlinks that lead out of ``root`` are bad unless
-    ``allow_outside``. Hidden files and OS litter are ignored silently. ``decode=False`` reads headers only (fast, but truncated
-    files pass). ``labels`` fixes the class list; other labels are bad. Classes with fewer than
-    ``min_per_class`` images are left out with a warning. Raises DataError when more than ``max_bad_fraction``
-    of the files are bad (files with a non-image extension that are not images are listed but not counted:
-    sidecar .txt/.json files are common), when nothing usable is left, and at the first bad file if ``strict``.
+    ``allow_outside``. Hidden files and OS litter are ignored silently. ``decode=False`` reads headers only (fast,
+    but truncated files pass: the training loader skips and records them); ``None`` does so from HEADER_ONLY_FROM
+    files on. Results are cached by path, size and modification time (``cache``, see scancache), so unchanged files
+    are not opened again; ``progress`` shows a bar on long scans. ``labels`` fixes the class list; other labels are
+    bad. Classes with fewer than ``min_per_class`` images are left out with a warning. Raises DataError when more
+    than ``max_bad_fraction`` of the files are bad (files with a non-image extension that are not images are
+    listed but not counted: sidecar .txt/.json files are common), when nothing usable is left, and at the first
+    bad file if ``strict``.
     """
     root, csv = _locate(root, csv)
     warnings: list[str] = []
@@ -114,7 +129,8 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     rows, bad = _precheck(rows, root, allow_outside, labels)
     if strict and bad:
         raise _strict_error(*bad[0])
-    checked = _check_files(rows["path"].tolist(), channels, decode, max_pixels, workers, strict)
+    decode = len(rows) < HEADER_ONLY_FROM if decode is None else decode
+    checked = _check_files(rows["path"].tolist(), channels, decode, max_pixels, workers, strict, cache, progress)
     ok = np.array([isinstance(r, tuple) for r in checked], dtype=bool)
     bad += [(p, r) for p, r, good in zip(rows["path"], checked, ok) if not good]
     good = rows[ok]
@@ -142,6 +158,12 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
                 {c: i for i, c in enumerate(classes)}, warnings, info)
 
 
+def is_packed(data: str | os.PathLike | None) -> bool:
+    """Whether ``data`` was written by ``finetune pack``: a folder with its index file, or any URL (s3://...), as
+    image folders are local."""
+    return data is not None and ("://" in str(data) or (Path(data) / PACK_INDEX).is_file())
+
+
 def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
           groups: str | Callable[[str], str] | None = None) -> pd.DataFrame:
     """A copy of ``items`` with ``split`` filled in: rows marked val/test keep their split; if no row is 'val',
@@ -165,13 +187,16 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     return out
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """``(tensor, label_index)`` per row of ``items``: read_image, then ``intensity`` (default
-    ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default: HxWxC -> CxHxW tensor)."""
+class ImageDataset:
+    """A map-style dataset (what torch's DataLoader takes): ``(tensor, label_index)`` per row of ``items``: read_image, then ``intensity`` (default
+    ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default: HxWxC -> CxHxW tensor).
+    With ``skipped`` (a CSV path), a file that fails to read is appended there and returned as its ImageError,
+    which :func:`drop_failed` leaves out of the batch; without, the error is raised."""
 
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], channels: int = 3,
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None,
-                 intensity: Callable[[np.ndarray], np.ndarray] | None = None, *, max_pixels: int = MAX_PIXELS):
+                 intensity: Callable[[np.ndarray], np.ndarray] | None = None, *, max_pixels: int = MAX_PIXELS,
+                 skipped: str | os.PathLike | None = None):
         unknown = sorted(set(items["label"]) - set(class_to_idx))
         if unknown:
             raise DataError(f"labels {unknown[:5]} are not in the class map {list(class_to_idx)[:10]}: "
@@ -180,26 +205,54 @@ class ImageDataset(torch.utils.data.Dataset):
         self.paths = items["path"].to_numpy(dtype=str)
         self.targets = np.array([class_to_idx[c] for c in items["label"]], dtype=np.int64)
         self.channels, self.transform, self.intensity, self.max_pixels = channels, transform, intensity, max_pixels
+        self.skipped = skipped
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = str(self.paths[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | ImageError:
+        return self.sample(str(self.paths[index]), int(self.targets[index]))
+
+    def sample(self, path: str, target: int, data: bytes | None = None) -> tuple[torch.Tensor, int] | ImageError:
+        """One image (from ``data``, its bytes, if given) read, scaled and transformed, or its recorded error."""
         try:
-            img = read_image(path, self.channels, max_pixels=self.max_pixels)
+            img = read_image(path, self.channels, max_pixels=self.max_pixels, data=data)
         except ImageError as e:
-            raise ImageError(path, f"{e.reason} (it passed the scan: changed since? re-run the scan)") from None
+            error = ImageError(path, f"{e.reason} (it passed the scan: changed since? re-run the scan)")
+            if self.skipped is None:
+                raise error from None
+            record_skipped(self.skipped, path, e.reason)
+            return error
         img = self.intensity(img) if self.intensity is not None else to_unit_float(img)
         if self.transform is not None:
-            return self.transform(img), int(self.targets[index])
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(self.targets[index])
+            return self.transform(img), target
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), target
+
+
+def record_skipped(csv: str | os.PathLike, path: str, reason: str) -> None:
+    """Append a ``path,reason`` row to ``csv`` (its header written by the caller) in one write: O_APPEND, so
+    loader workers and ranks never interleave."""
+    with open(csv, "a") as f:
+        f.write(pd.DataFrame({"path": [path], "reason": [reason]}).to_csv(index=False, header=False))
+
+
+def drop_failed(batch: list) -> Any:
+    """DataLoader collate that leaves out samples that failed to read (ImageError); a batch of failures only
+    stops training: the data must have changed as a whole (a folder unmounted?)."""
+    good = [b for b in batch if not isinstance(b, ImageError)]
+    if not good:
+        raise DataError(f"every image of a batch failed to read, e.g. {batch[0]}: the data changed since the scan "
+                        f"(moved, unmounted?); fix it and resume the run")
+    from torch.utils.data import default_collate
+    return default_collate(good)
 
 
 def default_workers() -> int:
     """Loader processes. With a GPU, decoding limits the speed: every core but one (at most 8). On the CPU the model
     trains 10-60x slower than one process decodes and augments (benchmarks/README.md): one worker, and none on 2
     cores or fewer, where it would only take a core from the model's threads."""
+    import torch
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.cuda.is_available():
         return max(0, min(8, cores - 1))
@@ -328,7 +381,8 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
         drop[i] = True
         bad.append((rows["path"].iat[i] or f"line {lines[i]}", reason))
 
-    for i, (path, label, name) in enumerate(zip(rows["path"], rows["label"], rows["split"])):
+    paths, labels_ = rows["path"].tolist(), rows["label"].tolist()  # lists: iterating pandas columns is slow
+    for i, (path, label, name) in enumerate(zip(paths, labels_, rows["split"].tolist())):
         if not path:
             mark(i, f"bad row: empty path{where[i]}")
         elif not label:
@@ -337,7 +391,7 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
             mark(i, f"bad row: split '{name}' is not train, val or test{where[i]}")
     if not allow_outside:
         real_root, real_dirs = os.path.realpath(root), {}
-        for i, (path, given_abs) in enumerate(zip(rows["path"], rows["_abs"])):
+        for i, (path, given_abs) in enumerate(zip(paths, rows["_abs"].tolist())):
             if not drop[i] and not given_abs and not _inside(path, real_root, real_dirs):
                 mark(i, f"outside data root: resolves to {os.path.realpath(path)}, not under {real_root} "
                         f"(set allow_outside=True if intended)")
@@ -356,7 +410,7 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
                 mark(i, f"conflicting labels: listed as {found}{where[i]}")
     if labels is not None:
         known = set(labels)
-        for i, label in enumerate(rows["label"]):
+        for i, label in enumerate(labels_):
             if not drop[i] and label not in known:
                 mark(i, f"unknown label: '{label}' is not in the label list{where[i]}")
     rows = rows[~drop].copy()
@@ -374,36 +428,53 @@ def _inside(path: str, real_root: str, real_dirs: dict[str, str]) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
-def _check_one(path: str, channels: int, decode: bool, max_pixels: int):
-    """(path, width, height, native channels, dtype) for a usable file, else the reason it is bad."""
-    try:
-        if decode:
-            arr, alpha = _read_native(path, max_pixels)
-            _check_channels(path, arr.shape[-1], alpha, channels)
-            return path, arr.shape[1], arr.shape[0], arr.shape[-1], str(arr.dtype)
-        info = probe(path, max_pixels=max_pixels)
-        _check_channels(path, info.channels, info.alpha, channels)
-        return path, info.width, info.height, info.channels, str(info.dtype)
-    except ImageError as e:
-        return e.reason
-    except Exception as e:  # MemoryError on a huge-but-allowed file, a decoder bug...
-        return f"corrupt: {type(e).__name__}: {e}"
-
-
 def _check_files(paths: list[str], channels: int, decode: bool, max_pixels: int, workers: int | None,
-                 strict: bool) -> list:
-    """Check every file in a thread pool (decoders release the GIL); in strict mode stop at the first bad one."""
-    workers = workers or min(16, (os.cpu_count() or 1) + 4)
-    pool = ThreadPoolExecutor(max_workers=workers)
+                 strict: bool, cache: bool, progress: bool) -> list:
+    """(path, width, height, native channels, dtype) per usable file, else the reason it is bad; files the scan cache
+    knows unchanged are not opened. In strict mode stop at the first bad one."""
+    check = functools.partial(_examine_all, decode=decode, max_pixels=max_pixels, workers=workers,
+                              progress=progress, stop=strict)
+    found = scancache.checked(paths, decode, max_pixels, check)[0] if cache else check(paths)
+    results, names = [], {}  # str(dtype) per file would cost seconds per million
+    for path, info in zip(paths, found):
+        if isinstance(info, ImageInfo):
+            try:
+                _check_channels(path, info.channels, info.alpha, channels)
+                name = names.get(info.dtype) or names.setdefault(info.dtype, str(info.dtype))
+                info = (path, info.width, info.height, info.channels, name)
+            except ImageError as e:
+                info = e.reason
+        if strict and not isinstance(info, tuple):
+            raise _strict_error(path, info)
+        results.append(info)
+    return results
+
+
+def _examine_all(paths: list[str], decode: bool, max_pixels: int, workers: int | None, progress: bool,
+                 stop: bool) -> list:
+    """images.examine on every path: threads for a few files, processes on every core for many (decoding
+    holds the GIL for part of each file); a progress bar on long scans; ``stop`` ends at the first bad file."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    many = len(paths) >= _PROCESSES_FROM and cores > 1
+    if many:
+        # fork as DataLoader workers do: a spawned or forkserver child would re-run an unguarded user script
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+        pool = ProcessPoolExecutor(workers or cores, mp_context=context)
+    else:
+        pool = ThreadPoolExecutor(workers or min(16, cores + 4))
+    check = functools.partial(examine, decode=decode, max_pixels=max_pixels)
+    bar = tqdm(total=len(paths), desc="checking images" if decode else "reading headers", unit=" files",
+               disable=not progress or len(paths) < _PROCESSES_FROM, mininterval=1.0)
     try:
         results = []
-        check = functools.partial(_check_one, channels=channels, decode=decode, max_pixels=max_pixels)
-        for path, r in zip(paths, pool.map(check, paths)):
-            if strict and not isinstance(r, tuple):
-                raise _strict_error(path, r)
+        for r in pool.map(check, paths, chunksize=256 if many else 1):
             results.append(r)
-        return results
+            bar.update()
+            if stop and isinstance(r, str):
+                break
+        return results + [""] * (len(paths) - len(results))  # unchecked after a stop: never reached
     finally:
+        bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
-from .data import ImageDataset, default_workers
+from .data import ImageDataset, default_workers, drop_failed
 
 
 class EpochSampler(Sampler):
@@ -62,13 +62,14 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], *, read_channels: int,
                  train_transform: Callable, eval_transform: Callable, intensity: Callable | None,
                  batch_size: int = 32, num_workers: int | str = "auto", seed: int = 0,
-                 balance: str = "none", max_pixels: int = 89_478_485):
+                 balance: str = "none", max_pixels: int = 89_478_485, skipped: str | os.PathLike | None = None):
         super().__init__()
         self.items, self.class_to_idx = items.reset_index(drop=True), class_to_idx
         self.read_channels, self.intensity = read_channels, intensity
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.seed, self.balance, self.max_pixels = batch_size, seed, balance, max_pixels
         self.num_workers = default_workers() if num_workers == "auto" else int(num_workers)
+        self.skipped = skipped  # CSV where files that fail to read are recorded and left out (data.drop_failed)
         self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> a linear probe's cached features
 
     def _part(self, split: str) -> pd.DataFrame:
@@ -79,13 +80,13 @@ class ImageDataModule(pl.LightningDataModule):
             return TensorDataset(*self.features[split])
         return ImageDataset(self._part(split), self.class_to_idx, channels=self.read_channels,
                             transform=self.train_transform if train_transform else self.eval_transform,
-                            intensity=self.intensity, max_pixels=self.max_pixels)
+                            intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
         workers = 0 if self.features else self.num_workers
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=shuffle,
                           num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=False)
+                          pin_memory=torch.cuda.is_available(), drop_last=False, collate_fn=drop_failed)
 
     def sampler_weights(self) -> np.ndarray | None:
         """Per training image 1 / its class's count with ``loss.balance: sampler`` (classes drawn equally), else None."""
@@ -113,7 +114,7 @@ class ImageDataModule(pl.LightningDataModule):
     def adapt_dataloader(self) -> DataLoader:
         """Training images through the evaluation pipeline, for re-estimating BN statistics (AdaBN)."""
         return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True, num_workers=0,
-                          generator=torch.Generator().manual_seed(self.seed))
+                          generator=torch.Generator().manual_seed(self.seed), collate_fn=drop_failed)
 
     def class_weights(self) -> torch.Tensor:
         """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``."""

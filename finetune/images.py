@@ -6,15 +6,15 @@ PNG, JPEG, BMP, WebP and GIF go through Pillow; TIFF through tifffile (16-bit, m
 from __future__ import annotations
 
 import codecs
+import io
 import os
 import struct
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageError", "ImageInfo", "dataset_percentiles", "probe",
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageError", "ImageInfo", "dataset_percentiles", "examine", "probe",
            "read_image", "to_unit_float"]
 
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
@@ -53,10 +53,10 @@ class ImageError(Exception):
         return f"{self.path}: {self.reason}"
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     """What a file's header says: size after EXIF rotation, native channels (alpha included, palette and CMYK
-    as RGB) and the stored dtype (read_image turns integer types other than uint8/uint16 into uint16 or float32)."""
+    as RGB) and the stored dtype (read_image turns integer types other than uint8/uint16 into uint16 or float32).
+    A tuple: a scan makes a million of them from its cache."""
 
     width: int
     height: int
@@ -65,7 +65,8 @@ class ImageInfo:
     alpha: bool = False
 
 
-def read_image(path: str | os.PathLike, channels: int = 3, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | os.PathLike, channels: int = 3, *, max_pixels: int = MAX_PIXELS,
+               data: bytes | None = None) -> np.ndarray:
     """Decode a whole file into an HxWx``channels`` array in its native dtype (uint8, uint16 or float32).
 
     EXIF orientation is applied. Alpha is dropped unless asked for (``channels`` 4 for RGBA, 2 for gray+alpha),
@@ -73,11 +74,12 @@ def read_image(path: str | os.PathLike, channels: int = 3, *, max_pixels: int = 
     ``channels=3``; RGB becomes luminance (ITU-R 601) for ``channels=1``. TIFF alpha is never dropped: a
     4-channel TIFF is 4 channels (tifffile tags any HxWx4 array as RGBA). Other integer types become uint16
     when their values fit, else float32. Raises ImageError for anything else, before decoding when the
-    header says width*height > ``max_pixels``.
+    header says width*height > ``max_pixels``. ``data``: the file's bytes (from a packed dataset), read instead of
+    ``path``, which then only names the image in errors.
     """
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
-    arr, alpha = _read_native(path, max_pixels)
+    arr, alpha = _read_native(path, max_pixels, data)
     return _fit_channels(arr, alpha, channels, path)
 
 
@@ -106,6 +108,20 @@ def probe(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> ImageInfo
             raise
         except Exception as e:  # a header parser tripping on garbage
             raise ImageError(path, f"corrupt: {type(e).__name__}: {e}") from e
+
+
+def examine(path: str, decode: bool = True, max_pixels: int = MAX_PIXELS) -> ImageInfo | str:
+    """The file's native info (every pixel decoded when ``decode``, else the header only), or the reason it is
+    bad; never raises, so that a scan's process pool can call it per file."""
+    try:
+        if not decode:
+            return probe(path, max_pixels=max_pixels)
+        arr, alpha = _read_native(path, max_pixels)
+        return ImageInfo(arr.shape[1], arr.shape[0], arr.shape[-1], arr.dtype, alpha)
+    except ImageError as e:
+        return e.reason
+    except Exception as e:  # MemoryError on a huge-but-allowed file, a decoder bug...
+        return f"corrupt: {type(e).__name__}: {e}"
 
 
 def to_unit_float(img: np.ndarray, mode: str = "range", percentiles: Sequence[float] = (1.0, 99.8),
@@ -156,7 +172,9 @@ def dataset_percentiles(paths: Iterable[str | os.PathLike], channels: int, perce
 
 # -- reading ---------------------------------------------------------------------------------------------------
 
-def _open(path):
+def _open(path, data: bytes | None = None):
+    if data is not None:
+        return io.BytesIO(data)
     try:
         return open(path, "rb")
     except FileNotFoundError:
@@ -181,9 +199,9 @@ def _head(f, path) -> bytes:
     return head
 
 
-def _read_native(path, max_pixels: int) -> tuple[np.ndarray, bool]:
+def _read_native(path, max_pixels: int, data: bytes | None = None) -> tuple[np.ndarray, bool]:
     """HxWxK array as stored (after EXIF rotation), and whether its last channel is alpha."""
-    with _open(path) as f:
+    with _open(path, data) as f:
         head = _head(f, path)
         if head[:4] in _TIFF_MAGIC:
             return _read_tiff(f, path, max_pixels)

@@ -118,6 +118,7 @@ class Train:
     compile: bool = False
     cache_features: Union[bool, str] = "auto"
     max_bad_fraction: float = 0.2
+    scan: Literal["auto", "full", "header"] = "auto"  # auto: headers only from data.HEADER_ONLY_FROM files on
     strict: bool = False
     allow_outside: bool = False
 

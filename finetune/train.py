@@ -1,6 +1,7 @@
 """``fit``: from an image folder (or CSV) and a recipe to a trained model in a new run folder."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from . import augment, cache
 from .backbone import create_backbone
-from .data import DataError, scan, split
+from .data import SCAN_MODES, DataError, is_packed, scan, split
 from .datamodule import ImageDataModule
 from .freeze import Plan, plan_for, set_trainable
 from .images import dataset_percentiles
@@ -26,6 +27,7 @@ from .module import Classifier
 from .preprocess import Pipeline, Preprocess
 from .recipe import Recipe, Train, load_recipe
 from .run import AtomicCheckpointIO, Run, RunError, atomic_write
+from .startup import StartupTimer
 
 log = logging.getLogger("finetune")
 # Lightning's advertisement for its cloud logger, printed by every Trainer, is noise in a training log
@@ -33,13 +35,23 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "
 _RUN_ENV = "FINETUNE_RUN"  # rank 0's run folder, inherited by the DDP processes it starts
 
 
-def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None) -> tuple[pd.DataFrame, list[str], Any]:
-    """Scan the data, split it when no validation set is given; returns (items with split, classes, scan)."""
+def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None, progress: bool = False,
+            timer: StartupTimer | None = None) -> tuple[pd.DataFrame, list[str], Any]:
+    """Scan the data, split it when no validation set is given; returns (items with split, classes, scan). Packed
+    data (``finetune pack``) comes split and checked: its items, classes and a PackedData in place of the scan."""
+    if is_packed(data):
+        from .packed import PackedData
+        packed = PackedData(str(data))
+        packed.check(recipe)
+        timer and timer.mark("index")
+        return packed.items, packed.classes, packed
     t = recipe.train
     sc = scan(data, csv=csv, channels=augment.read_channels(recipe), strict=t.strict,
               allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction,
-              max_pixels=recipe.image.max_pixels)
+              max_pixels=recipe.image.max_pixels, decode=SCAN_MODES[t.scan], progress=progress)
+    timer and timer.mark("scan")
     items = split(sc.items, t.val_fraction, seed=t.seed, groups=t.split_groups)
+    timer and timer.mark("split")
     return items, list(sc.classes), sc
 
 
@@ -53,7 +65,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     stopped run from its last checkpoint, schedules included (``overrides`` may then raise ``train.epochs`` only,
     to extend a finished run). Ctrl-C or SIGTERM raise :class:`TrainingStopped`, which says how to continue.
     """
-    started = time.time()
+    started, timer = time.time(), StartupTimer()
     if resume is None:
         if data is None and csv is None:
             raise ValueError("fit() needs data (an image folder) or csv= (a CSV of path,label), or resume=RUN")
@@ -69,12 +81,13 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
             _extend(run, overrides)
         recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
         pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
+        packed = run.read_json("data.json").get("packed")
         ckpt = None if shared else run.checkpoint("last")
         pretrained = bool(shared) and recipe_obj.backbone.pretrained  # other ranks of a new run: rank 0's weights
         weights = recipe_obj.backbone.weights if pretrained else None
     else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
-        items, classes, sc = prepare(data, recipe_obj, csv=csv)
+        items, classes, sc = prepare(data, recipe_obj, csv=csv, progress=progress, timer=timer)
         if len(classes) < 2:
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
@@ -83,8 +96,10 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
     model = create_backbone(b.name, len(classes), pretrained=pretrained, weights=weights,
                             in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+    timer.mark("model")
     if resume is None and shared is None:
         pre = _preprocess(recipe_obj, model, items)
+        packed = getattr(sc, "url", None)
         run = Run.create(out, name, stem)
         run.write_new("recipe.yaml", recipe_obj.to_yaml())
         run.write_json("classes.json", classes)
@@ -93,7 +108,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         plan = plan_for(model, recipe_obj, int((items["split"] == "train").sum()), len(classes), data=data, csv=csv)
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
-        run.write_json("data.json", {"preprocess": pre.to_dict(),
+        timer.mark("plan")
+        run.write_json("data.json", {"preprocess": pre.to_dict(), "packed": packed,
                                      "weights_source": getattr(model, "finetune_source", None)})
     t = recipe_obj.train
     set_trainable(model, plan, None)  # before DDP wraps the model: it registers what may ever train
@@ -111,15 +127,16 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=_strategy(t, plan, processes), use_distributed_sampler=False,  # our data modules shard by rank
         precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
-        callbacks=[best, last, LearningRateMonitor(logging_interval="epoch"), *callbacks],
+        callbacks=[timer, best, last, LearningRateMonitor(logging_interval="epoch"), *callbacks],
         logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, steps)))
     train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
-    dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
-                         train_transform=train_tf, eval_transform=pre.eval_transform(),
-                         intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
-                         seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels)
+    dm = _datamodule(packed)(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
+                             train_transform=train_tf, eval_transform=pre.eval_transform(),
+                             intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
+                             seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels,
+                             skipped=_skipped_csv(run))
     weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
     datamodule, module_cls = dm, Classifier
     if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
@@ -130,9 +147,10 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         module_cls = cache.HeadClassifier
     module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
                         extra={"preprocess": pre.to_dict()})
+    timer.run = run
     with warnings.catch_warnings():
         for noise in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
-                      ".*LeafSpec.*"):
+                      ".*LeafSpec.*", ".*IterableDataset.*has `__len__` defined.*"):  # the last: litdata's, exact
             warnings.filterwarnings("ignore", message=noise)
         os.environ[_RUN_ENV] = str(run.path.resolve())  # for the processes Lightning's DDP launcher starts
         try:
@@ -144,6 +162,22 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     if trainer.global_rank == 0:
         _finish(run, trainer, best, started, resumed=resume is not None)
     return run
+
+
+def _datamodule(packed: str | None):
+    """ImageDataModule, or for packed data (its URL) the one streaming it: the data source's only seam."""
+    if packed is None:
+        return ImageDataModule
+    from .packed import PackedDataModule
+    return functools.partial(PackedDataModule, packed)
+
+
+def _skipped_csv(run: Run) -> Path:
+    """RUN/skipped_during_training.csv, where the loaders record files that fail to read (its header from rank 0)."""
+    path = run.path / "skipped_during_training.csv"
+    if _is_rank_zero() and not path.exists():
+        path.write_text("path,reason\n")
+    return path
 
 
 class TrainingStopped(RunError):
@@ -273,12 +307,16 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
     best_path = Path(best.best_model_path) if best.best_model_path else run.path / "checkpoints" / "last.ckpt"
     best_path = best_path.resolve().relative_to(run.path.resolve())  # Lightning's paths are absolute, --out may not be
     previous = run.summary
+    skipped = pd.read_csv(run.path / "skipped_during_training.csv")["path"].nunique()
+    if skipped:
+        log.warning("%d files failed to read during training and were left out: %s", skipped,
+                    run.path / "skipped_during_training.csv")
     summary = {
         "run": str(run.path), "epochs": trainer.current_epoch, "best_checkpoint": str(best_path),
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "best_metric": best.monitor, "final_metrics": metrics,
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + time.time() - started, 1),
-        "attempts": previous.get("attempts", 0) + 1, "resumed": resumed,
+        "attempts": previous.get("attempts", 0) + 1, "resumed": resumed, "skipped_during_training": int(skipped),
         "backbone": run.recipe.backbone.name, "classes": run.classes,
         "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__},
     }

@@ -150,7 +150,8 @@ def test_truncated_jpeg_found_only_by_decoding(tmp_path):
     data = (tmp_path / "cat" / "t.jpg").read_bytes()
     (tmp_path / "cat" / "t.jpg").write_bytes(data[: len(data) // 2])
     assert kinds(scan(tmp_path)) == {"t.jpg": "truncated"}
-    assert kinds(scan(tmp_path, decode=False)) == {}  # headers alone look fine
+    assert kinds(scan(tmp_path, decode=False, cache=False)) == {}  # headers alone look fine
+    assert kinds(scan(tmp_path, decode=False)) == {"t.jpg": "truncated"}  # the cache remembers the full decode
 
 
 def test_decode_false_still_catches_header_problems(tmp_path):

@@ -1,0 +1,181 @@
+"""Packed data: the checked images and labels in litdata's optimized format (Lightning's streaming datasets:
+sharded, rank- and worker-aware, local or object storage), one dataset per split, with an index file of the
+classes, items and scan report; and the data module that trains from it.
+
+    DEST/finetune_pack.json   classes, items (path, label, split), the split settings, the scan report
+    DEST/train/, val/, test/  litdata datasets of {"image": the file's bytes, "label": class index, "item": its row}
+
+The files' own bytes are stored, not decoded pixels: nothing is lost or re-encoded, and the reading pipeline
+(read_image, intensity, transforms) is the folder's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch.utils.data import DataLoader
+
+try:
+    from litdata import StreamingDataLoader, StreamingDataset, optimize
+except ImportError as e:  # the [scale] extra
+    raise ImportError("packed data needs litdata: pip install 'finetune[scale]' (or pip install litdata)") from e
+
+from .data import PACK_INDEX, SPLITS, DataError, ImageDataset, drop_failed
+from .datamodule import ImageDataModule
+from .recipe import Recipe
+
+log = logging.getLogger("finetune")
+
+
+def pack(data: str | os.PathLike | None, recipe: Recipe, out: str, *, csv: str | os.PathLike | None = None,
+         workers: int | None = None, chunk_bytes: str = "64MB") -> "PackedData":
+    """Scan and split ``data`` as ``finetune train`` would with ``recipe`` (bad files left out and reported),
+    then write every split to ``out`` (a new local folder, or an s3:// gs:// ... URL litdata can write to)."""
+    from .train import prepare
+    if "://" in out:
+        taken = _provider(out).exists(_join(out, PACK_INDEX))
+    else:
+        taken = Path(out).exists() and any(Path(out).iterdir())
+    if taken:
+        raise FileExistsError(f"{out} exists and is not empty: pack never overwrites; choose another --out")
+    items, classes, sc = prepare(data, recipe, csv=csv, progress=True)
+    items = items.reset_index(drop=True)
+    index = {c: i for i, c in enumerate(classes)}
+    workers = workers or max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    for split in SPLITS:
+        rows = items[items["split"] == split]
+        if len(rows):
+            optimize(fn=_sample, inputs=[(p, index[c], i) for i, p, c in zip(rows.index, rows["path"], rows["label"])],
+                     output_dir=_join(out, split), chunk_bytes=chunk_bytes, num_workers=min(workers, len(rows)),
+                     mode="overwrite", verbose=False)
+    t = recipe.train
+    meta = {"format": "finetune-pack/1", "source": sc.source, "classes": classes,
+            "split": {"val_fraction": t.val_fraction, "seed": t.seed, "groups": t.split_groups},
+            "counts": {s: int((items["split"] == s).sum()) for s in SPLITS},
+            "items": items[["path", "label", "split"]].to_dict(orient="list"),
+            "bad": sc.bad.to_dict(orient="list"), "report": sc.report()}
+    _put(out, PACK_INDEX, json.dumps(meta))
+    return PackedData(out, meta)
+
+
+def _sample(row: tuple[str, int, int]) -> dict[str, Any]:
+    """One stored sample. The path stays in the index (``item`` is its row): litdata would store a string that
+    names a file as that file."""
+    path, label, item = row
+    with open(path, "rb") as f:
+        return {"image": f.read(), "label": label, "item": item}
+
+
+class PackedData:
+    """A packed dataset as ``train.prepare`` returns it for a folder's scan: items, classes, the report."""
+
+    def __init__(self, url: str, meta: dict | None = None):
+        self.url = str(url)
+        self.meta = meta or json.loads(_get(self.url, PACK_INDEX))
+        self.classes: list[str] = self.meta["classes"]
+        self.items = pd.DataFrame(self.meta["items"])
+        self.bad = pd.DataFrame(self.meta["bad"])
+
+    def check(self, recipe: Recipe) -> None:
+        """Refuse what needs the image files (a measured domain, dataset intensity statistics); the packed split
+        is used as it is: say so when the recipe asks for another."""
+        for wanted, key, other in ((recipe.freeze.domain == "measure", "freeze.domain: measure",
+                                    "name the domain or give the distance `finetune distance` measures on the folder"),
+                                   (recipe.image.intensity == "dataset", "image.intensity: dataset",
+                                    "use percentile or range")):
+            if wanted:
+                raise DataError(f"{key} reads the image files, not packed data ({self.url}): {other}")
+        t, packed = recipe.train, self.meta["split"]
+        if (t.val_fraction, t.seed, t.split_groups) != (packed["val_fraction"], packed["seed"], packed["groups"]):
+            log.warning("%s was split with val_fraction %s, seed %s, groups %s; that split is used (the recipe's "
+                        "train.val_fraction/seed/split_groups apply when packing)", self.url, packed["val_fraction"],
+                        packed["seed"], packed["groups"])
+
+    def save_report(self, folder: str | os.PathLike) -> None:
+        """``bad_files.csv`` and ``data_report.txt`` of the scan the pack was made from, into a new run folder."""
+        folder = Path(folder)
+        with open(folder / "bad_files.csv", "x", newline="") as f:
+            self.bad.to_csv(f, index=False)
+        with open(folder / "data_report.txt", "x") as f:
+            f.write(f"Packed data: {self.url}\n\n{self.meta['report']}")
+
+
+class PackedDataModule(ImageDataModule):
+    """ImageDataModule whose loaders stream the packed splits (litdata's StreamingDataLoader: shuffled per
+    epoch, split over ranks and workers, its position saved in the checkpoint); class weights come from the items."""
+
+    def __init__(self, url: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.balance == "sampler":
+            raise DataError("loss.balance: sampler needs random access to every image; packed data is streamed: "
+                            "use loss.balance: weights")
+        self.url = url
+
+    def dataset(self, split: str, train_transform: bool = False, shuffle: bool = False):
+        """The split streamed, or an empty ImageDataset for a split that was not packed."""
+        decode = ImageDataset(self._part(split).iloc[:0], self.class_to_idx, channels=self.read_channels,
+                              transform=self.train_transform if train_transform else self.eval_transform,
+                              intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped)
+        if self._part(split).empty:
+            return decode
+        return PackedDataset(_join(self.url, split), decode, self.items["path"].to_numpy(dtype=str), shuffle=shuffle,
+                             seed=self.seed)
+
+    def _loader(self, dataset, sampler=None, shuffle: bool = False) -> DataLoader:
+        if not isinstance(dataset, PackedDataset):
+            return super()._loader(dataset)
+        return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   collate_fn=drop_failed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train", train_transform=True, shuffle=True))
+
+    def adapt_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train", shuffle=True))
+
+
+class PackedDataset(StreamingDataset):
+    """A streamed split, each sample read and transformed by ``decode`` (an ImageDataset) from its bytes;
+    ``paths`` (the index's items) name a file that fails to read."""
+
+    def __init__(self, url: str, decode: ImageDataset, paths, **kwargs):
+        super().__init__(url, **kwargs)
+        self.decode, self.paths = decode, paths
+
+    def __getitem__(self, index):
+        s = super().__getitem__(index)
+        return self.decode.sample(str(self.paths[s["item"]]), int(s["label"]), data=bytes(s["image"]))
+
+
+# -- local folders and object storage ----------------------------------------------------------------------------
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name if "://" in url else str(Path(url) / name)
+
+
+def _provider(url: str):
+    from litdata.streaming.fs_provider import _get_fs_provider
+    return _get_fs_provider(url)
+
+
+def _put(url: str, name: str, text: str) -> None:
+    if "://" not in url:
+        with open(Path(url) / name, "x") as f:
+            f.write(text)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).write_text(text)
+        _provider(url).upload_file(str(Path(tmp) / name), _join(url, name))
+
+
+def _get(url: str, name: str) -> str:
+    if "://" not in url:
+        return (Path(url) / name).read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        _provider(url).download_file(_join(url, name), str(Path(tmp) / name))
+        return (Path(tmp) / name).read_text()
