@@ -79,10 +79,11 @@ class Freeze:
 
 @dataclass
 class Optim:
-    """Optimiser and learning-rate schedule; ``lr`` is the head's rate, the backbone gets a fraction of it."""
+    """Optimiser and learning-rate schedule; ``lr`` is the head's rate, the backbone gets a fraction of it
+    (``find``: Lightning's learning-rate finder picks it before training)."""
 
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
+    lr: Union[float, Literal["find"]] = 1e-3
     weight_decay: float = 0.01
     momentum: float = 0.9
     warmup_epochs: float = 1.0
@@ -120,6 +121,9 @@ class Train:
     max_bad_fraction: float = 0.2
     strict: bool = False
     allow_outside: bool = False
+    # Lightning loggers besides the CSV log (always written): tensorboard, mlflow (MLFLOW_TRACKING_URI, else
+    # RUN/mlruns), wandb
+    loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["csv"])
 
 
 @dataclass

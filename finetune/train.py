@@ -12,9 +12,8 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 
-from . import augment, cache, freeze
+from . import augment, cache, freeze, tracking
 from .backbone import create_backbone
 from .data import DataError, scan, split
 from .datamodule import ImageDataModule
@@ -157,8 +156,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=_strategy(t.strategy, plan), precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
         callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best, last,
-                   LearningRateMonitor(logging_interval="epoch"), *callbacks],
-        logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
+                   LearningRateMonitor(logging_interval="epoch"), tracking.LogRun(run.path), *callbacks],
+        logger=tracking.loggers(t.loggers, run.path), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(items) // max(1, t.batch_size))))
     with warnings.catch_warnings():
