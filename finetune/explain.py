@@ -18,8 +18,9 @@ METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "Hi
 
 
 class Explainer:
-    """A predictor's torch model with a CAM on its last stage (timm's ``feature_info``); call it on a batch of
-    preprocessed images to get one map (H, W, values 0..1) per image for the class asked (default: the top one)."""
+    """A predictor's torch model with a CAM on the layer that gives timm's ``forward_features`` (the last stage
+    with its final norm and activation); call it on a batch of preprocessed images to get one map (H, W, values
+    0..1) per image for the class asked (default: the top one)."""
 
     def __init__(self, predictor, method: str = "gradcam"):
         cams = require("pytorch_grad_cam", "explain", "class-activation maps (finetune explain)")
@@ -30,8 +31,7 @@ class Explainer:
             raise ValueError("class-activation maps need the run's PyTorch model (a timm network): pass the run "
                              "folder, not an exported model")
         self.predictor, self.method = predictor, method
-        layer = model.get_submodule(model.feature_info[-1]["module"])
-        self.cam = getattr(cams, METHODS[method])(model=model, target_layers=[layer],
+        self.cam = getattr(cams, METHODS[method])(model=model, target_layers=[features_layer(model)],
                                                   reshape_transform=_spatial(model))
 
     def __call__(self, x: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
@@ -58,6 +58,24 @@ class Explainer:
         views = [self.model_view(xi) for xi in x]
         return [(v, show_cam_on_image(v, m, use_rgb=True, image_weight=0.5) / 255.0)
                 for v, m in zip(views, self(x, targets))]
+
+
+def features_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output ``forward_features`` returns: after the last stage's final norm and activation.
+    (EfficientNet's and MobileNet's stages end in a linear bottleneck, whose maps measured inverted: the cat
+    test in tests/test_explain.py put 0.52 of the map on the cat from blocks.6, 0.68 from bn2.)"""
+    from timm.data import resolve_data_config
+    done: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: done.append((m, o))) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            out = model.forward_features(torch.zeros(1, *resolve_data_config({}, model=model)["input_size"],
+                                                     device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return next(m for m, o in reversed(done) if o is out)
 
 
 def _spatial(model: torch.nn.Module):

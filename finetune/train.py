@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from . import augment, cache, freeze, tracking
+from . import augment, cache, freeze, lr_find, tracking
 from .backbone import create_backbone
 from .data import DataError, scan, split
 from .datamodule import ImageDataModule
@@ -145,6 +145,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         module_cls = cache.HeadClassifier
     module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
                         extra={"preprocess": pre.to_dict()})
+    if recipe_obj.optim.lr == "find":
+        lr_find.resolve(run, module, datamodule, t.accelerator)
     has_val = bool((items["split"] == "val").any())
     # the best epoch's weights (for evaluate/export/predict); the optimizer state that resuming needs is in last
     best = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
