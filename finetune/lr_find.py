@@ -1,7 +1,9 @@
 """``optim.lr: find``: Lightning's learning-rate finder (``Tuner.lr_find``) on the freeze plan's param groups.
 
-The finder sweeps one rate; each group steps at that rate times the plan's multiplier (fixed groups at 0), so the
-rate found is the head's and the backbone keeps its share. The curve goes to ``RUN/lr_find.png``, the rate and why
+The finder sweeps one rate; each group steps at that rate times the plan's multiplier (fixed groups at 0), so
+the rate found is the head's and the backbone keeps its share. The rate chosen is a tenth of the one at the
+lowest loss (fastai's "minimum" rule; Lightning's steepest-gradient suggestion picked 2e-5 on hymenoptera, on the
+flat start of a short, noisy curve: docs/benchmarks-accuracy.md). The curve goes to ``RUN/lr_find.png``, the rate and why
 to ``lr_find.json``, ``plan.txt`` and the log; a resumed run reads the rate back instead of searching again.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 
 log = logging.getLogger("finetune")
@@ -44,15 +47,21 @@ def resolve(run, module: pl.LightningModule, datamodule, accelerator: str = "aut
                              limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run.path)
         finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR,
                                         num_training=STEPS, update_attr=False)
-        lr, steps = finder.suggestion(), len(finder.results["lr"])
-        fig = finder.plot(suggest=lr is not None)
-        fig.savefig(Path(run.path) / "lr_find.png", dpi=100)
-        if lr is None:
-            lr = 1e-3
-            why = f"too few steps ({steps}) for a suggestion: the default {lr:g} is used"
+        lrs, losses = np.array(finder.results["lr"]), np.array(finder.results["loss"], dtype=float)
+        steps, steepest = len(lrs), finder.suggestion()
+        if np.isfinite(losses).sum() < 10:
+            lr, why = 1e-3, f"too few steps ({steps}) to read the curve: the default 0.001 is used"
         else:
-            why = (f"the steepest fall of the training loss while the rate rose from {MIN_LR:g} to {MAX_LR:g} over "
-                   f"{steps} steps (Lightning's lr finder; the curve is lr_find.png)")
+            low = lrs[int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan)))]
+            lr = low / 10
+            why = (f"a tenth of {low:.3g}, where the smoothed training loss was lowest while the rate rose from "
+                   f"{MIN_LR:g} to {MAX_LR:g} over {steps} steps (Lightning's lr finder; its steepest-fall "
+                   f"suggestion was {steepest or float('nan'):.3g}: on these short, noisy curves it falls on the "
+                   f"flat start); the curve is lr_find.png")
+        fig = finder.plot(suggest=False)
+        fig.axes[0].axvline(lr, color="#c44e52", ls="--", label=f"chosen: {lr:.3g}")
+        fig.axes[0].legend()
+        fig.savefig(Path(run.path) / "lr_find.png", dpi=100)
         found = {"lr": float(lr), "reason": f"learning rate {lr:.3g} for the head, the plan's multipliers give the "
                                             f"other groups their share: {why}", "steps": steps}
         path.write_text(json.dumps(found, indent=2))

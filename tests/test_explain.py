@@ -31,7 +31,7 @@ def test_gradcam_mass_lies_on_the_cat(one_thread):
     x = (torch.from_numpy(canvas).permute(2, 0, 1) - 0.5) / 0.5  # this network's mean and std are 0.5
     (cam,) = explainer(x[None])
     assert cam.shape == (224, 224) and cam.max() == pytest.approx(1.0, abs=1e-3)
-    assert cam[112:, 112:].sum() / cam.sum() > 0.45  # a uniform map puts 0.25 there (measured 0.52)
+    assert cam[112:, 112:].sum() / cam.sum() > 0.6  # a uniform map puts 0.25 there (measured 0.68)
 
 
 def test_vit_tokens_are_laid_out_on_the_patch_grid(one_thread):
