@@ -3,16 +3,18 @@
 The finder sweeps one rate; each group steps at that rate times the plan's multiplier (fixed groups at 0), so
 the rate found is the head's and the backbone keeps its share. The rate chosen is a tenth of the one at the
 lowest loss (fastai's "minimum" rule; Lightning's steepest-gradient suggestion picked 2e-5 on hymenoptera, on the
-flat start of a short, noisy curve: docs/benchmarks-accuracy.md). The curve goes to ``RUN/lr_find.png``, the rate and why
+flat start of a short, noisy curve: docs/benchmarks-accuracy.md). The curve goes to ``RUN/lr_find.png`` and ``lr_find.csv``, the rate and why
 to ``lr_find.json``, ``plan.txt`` and the log; a resumed run reads the rate back instead of searching again.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 
 log = logging.getLogger("finetune")
@@ -38,6 +40,9 @@ def resolve(run, module: pl.LightningModule, datamodule, accelerator: str = "aut
     path = Path(run.path) / "lr_find.json"
     if path.is_file():
         found = json.loads(path.read_text())
+    elif int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))) > 1:
+        raise ValueError("optim.lr: find searches in one process, not in a multi-process launch: run 'finetune "
+                         "lr-find DATA' first, then train with --lr RATE")
     else:
         plan = module.plan
         module.recipe.optim.lr = MIN_LR  # configure_optimizers needs a number; the finder sets the rates itself
@@ -47,29 +52,33 @@ def resolve(run, module: pl.LightningModule, datamodule, accelerator: str = "aut
                              limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run.path)
         finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR,
                                         num_training=STEPS, update_attr=False)
-        lrs, losses = np.array(finder.results["lr"]), np.array(finder.results["loss"], dtype=float)
-        steps, steepest = len(lrs), finder.suggestion()
-        if np.isfinite(losses).sum() < 10:
-            lr, why = 1e-3, f"too few steps ({steps}) to read the curve: the default 0.001 is used"
-        else:
-            low = lrs[int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan)))]
-            lr = low / 10
-            why = (f"a tenth of {low:.3g}, where the smoothed training loss was lowest while the rate rose from "
-                   f"{MIN_LR:g} to {MAX_LR:g} over {steps} steps (Lightning's lr finder; its steepest-fall "
-                   f"suggestion was {steepest or float('nan'):.3g}: on these short, noisy curves it falls on the "
-                   f"flat start); the curve is lr_find.png")
+        curve = pd.DataFrame(finder.results)  # lr, smoothed loss per step
+        curve.to_csv(Path(run.path) / "lr_find.csv", index=False)
+        lr, why = choose(curve["lr"].to_numpy(), curve["loss"].to_numpy(), finder.suggestion())
         fig = finder.plot(suggest=False)
         fig.axes[0].axvline(lr, color="#c44e52", ls="--", label=f"chosen: {lr:.3g}")
         fig.axes[0].legend()
         fig.savefig(Path(run.path) / "lr_find.png", dpi=100)
         found = {"lr": float(lr), "reason": f"learning rate {lr:.3g} for the head, the plan's multipliers give the "
-                                            f"other groups their share: {why}", "steps": steps}
+                                            f"other groups their share: {why}", "steps": len(curve)}
         path.write_text(json.dumps(found, indent=2))
         with open(Path(run.path) / "plan.txt", "a") as f:
             f.write(f"\n- {found['reason']}\n")
     log.info(found["reason"])
     module.recipe.optim.lr = found["lr"]
     return found["lr"]
+
+
+def choose(lrs: np.ndarray, losses: np.ndarray, steepest: float | None = None, skip: int = 10) -> tuple[float, str]:
+    """A tenth of the rate at the lowest smoothed loss, the first ``skip`` steps left out (as Lightning's own
+    suggestion does: the smoothing starts from one batch's loss), and the reason in words."""
+    tail = np.where(np.isfinite(losses[skip:]), losses[skip:], np.nan)
+    if np.isfinite(tail).sum() < 5:
+        return 1e-3, f"too few steps ({len(lrs)}) to read the curve: the default 0.001 is used"
+    low = float(lrs[skip + int(np.nanargmin(tail))])
+    return low / 10, (f"a tenth of {low:.3g}, where the smoothed training loss was lowest while the rate rose from "
+                      f"{lrs[0]:.2g} to {lrs[-1]:.2g} over {len(lrs)} steps (Lightning's lr finder; its "
+                      f"steepest-fall suggestion was {steepest or float('nan'):.3g}); the curve is lr_find.png")
 
 
 class _StopBeforeTraining(pl.Callback):

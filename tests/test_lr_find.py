@@ -37,3 +37,14 @@ def test_lr_find_command_writes_the_curve_without_training(textures, tmp_path, c
     out = capsys.readouterr().out
     (run,) = tmp_path.iterdir()
     assert "learning rate" in out and (run / "lr_find.png").is_file() and not list(run.glob("checkpoints/*.ckpt"))
+
+
+def test_choice_skips_the_smoothing_start_and_takes_a_tenth_of_the_valley():
+    import numpy as np
+    from finetune.lr_find import choose
+    lrs = np.logspace(-6, 0, 90)
+    loss = 0.65 - 0.15 * np.exp(-((np.log10(lrs) + 2) ** 2) / 0.5) + 5 * (lrs > 0.2)  # valley at 1e-2, then diverges
+    loss[0], loss[3] = 0.30, np.nan  # one lucky first batch, one non-finite step
+    lr, why = choose(lrs, loss, steepest=2e-5)
+    assert lr == pytest.approx(1e-3, rel=0.2) and "a tenth of 0.0095" in why and "2e-05" in why
+    assert choose(lrs[:12], loss[:12])[0] == 1e-3  # too short a curve: the default, said so
