@@ -320,6 +320,8 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
                 return _coerce(value, option, where, source)
             except RecipeError as e:
                 errors.append(e)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (int in args or float in args):
+            raise errors[args.index(int if int in args else float)]  # the number's own error: its range
         raise errors[0] if len(args) == 2 and type(None) in args and value is not None else RecipeError(
             f"{source}: '{where}' = {value!r} must be one of: {' or '.join(_type_name(a) for a in args)}")
     if tp is type(None):
