@@ -4,8 +4,8 @@ Features are ``model.forward_head(model.forward_features(x), pre_logits=True)`` 
 evaluation pipeline, with the model in eval mode. They are stored in ``$FINETUNE_HOME/features/<key>.pt``; the
 key is a sha256 over the model name, the backbone's weights (BN statistics included, head excluded), the
 preprocessing and the data (paths, labels, splits, sizes, mtimes), so a changed input never meets a stale cache.
-Training stays inside Lightning (same checkpoints, metrics and run folder) and the checkpoint holds the whole
-timm model, so predict and export are unchanged. The rule for ``train.cache_features`` is :func:`decide`.
+Training stays inside Lightning (the same data module, now over features: same order, sharding, checkpoints,
+metrics and run folder) and the checkpoint holds the whole timm model, so predict and export are unchanged. The rule for ``train.cache_features`` is :func:`decide`.
 """
 from __future__ import annotations
 
@@ -17,15 +17,14 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .backbone import _finetune_home
-from .datamodule import EpochSampler, ImageDataModule
-from .freeze import Plan
+from .datamodule import ImageDataModule
+from .freeze import Plan, adapt_bn
 from .module import Classifier
 from .recipe import Recipe
 from .run import atomic_write, load_checkpoint
@@ -50,7 +49,6 @@ def decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict
 
 
 def _decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str, bool]:
-    """(use the cache, why, whether a forced setting skips something or does nothing)."""
     setting = recipe.train.cache_features
     if setting is False:
         return False, "train.cache_features is false", False
@@ -145,41 +143,6 @@ def load_or_compute(model: torch.nn.Module, images: ImageDataModule, key: str,
     return splits, False
 
 
-class FeatureDataset(Dataset):
-    """Rows of a feature matrix with their labels; takes ``(index, seed)`` keys from :class:`EpochSampler`."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
-        self.features, self.labels = features, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key):
-        i = key[0] if isinstance(key, tuple) else key
-        return self.features[i], self.labels[i]
-
-
-class FeatureDataModule(pl.LightningDataModule):
-    """Loaders over cached features, in the image data module's order, batch size and seeded shuffling."""
-
-    def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], images: ImageDataModule):
-        super().__init__()
-        self.splits, self.batch_size, self.seed = splits, images.batch_size, images.seed
-        self.weights = images.sampler_weights()
-
-    def _loader(self, split: str, sampler=None) -> DataLoader:
-        return DataLoader(FeatureDataset(*self.splits[split]), batch_size=self.batch_size, sampler=sampler)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", EpochSampler(len(self.splits["train"][1]), self.seed, self.weights))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val") if "val" in self.splits else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test") if "test" in self.splits else []
-
-
 class HeadClassifier(Classifier):
     """A :class:`Classifier` whose batches are features: only the head (after the model's dropout) runs.
     Images still go through the whole model, so ``predict_step`` on images is unchanged."""
@@ -191,23 +154,25 @@ class HeadClassifier(Classifier):
 
 
 def cached_training(model: torch.nn.Module, plan: Plan, recipe: Recipe, preprocess: dict, items: pd.DataFrame,
-                    images: ImageDataModule, ckpt: str | Path | None = None) -> tuple[FeatureDataModule, dict]:
-    """Data for training the head on cached features, and a record of the cache (key, path, hit).
+                    images: ImageDataModule, ckpt: str | Path | None = None,
+                    device: torch.device | str = "cpu") -> tuple[ImageDataModule, dict]:
+    """The data module, now over cached features, and a record of the cache (key, path, hit).
 
     BN statistics are re-estimated first where the plan says so (AdaBN changes the features); on resume the
-    checkpoint's weights are loaded first, as the features come from them.
+    checkpoint's weights are loaded first, as the features come from them. Features are computed on ``device``:
+    each rank's own (``trainer.strategy.root_device``).
     """
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         model.load_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")})
         plan.load_state_dict(state["finetune"]["plan"])
     if not plan.adapted:
-        plan.adapt_bn(model, images.adapt_dataloader())
-    device = "cuda" if torch.cuda.is_available() and recipe.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        adapt_bn(model, plan, images.adapt_dataloader())
     key = cache_key(recipe.backbone.name, weights_hash(model), preprocess, items)
     splits, hit = load_or_compute(model, images, key, device)
     model.to("cpu")
     info = {"key": key, "path": str(cache_path(key)), "hit": hit,
             "dim": int(splits["train"][0].shape[1]), "images": {s: len(y) for s, (_, y) in splits.items()}}
     log.info("features %s %s", "loaded from" if hit else "computed and cached in", info["path"])
-    return FeatureDataModule(splits, images), info
+    images.features = splits
+    return images, info

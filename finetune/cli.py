@@ -22,15 +22,8 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--csv", help="a CSV of path,label[,split] instead of (or relative to) the folder")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="finetune", epilog=EPILOG,
-                                 description="Fine-tune pretrained ImageNet backbones (timm) on your own images; "
-                                             "a freeze policy decides what to fix from your data.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="fine-tune a backbone on an image folder or CSV", epilog=EPILOG,
-                       description="Fine-tune a backbone; writes a new run folder (never overwrites one).")
-    _data_args(p, required=False)
+def _train_args(p: argparse.ArgumentParser) -> None:
+    """The options of a training run, shared by ``train`` and ``plan`` (which previews that exact run)."""
     _recipe_args(p)
     p.add_argument("--backbone", "-b", help="any timm model name (default: tf_efficientnet_lite0)")
     p.add_argument("--weights", help="a local weights file (timm checkpoint or state dict)")
@@ -46,9 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="reproducible to the bit (slower)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
     p.add_argument("--allow-outside", action="store_true", help="allow CSV paths outside the data folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="finetune", epilog=EPILOG,
+                                 description="Fine-tune pretrained ImageNet backbones (timm) on your own images; "
+                                             "a freeze policy decides what to fix from your data.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a backbone on an image folder or CSV", epilog=EPILOG,
+                       description="Fine-tune a backbone; writes a new run folder (never overwrites one).")
+    _data_args(p, required=False)
+    _train_args(p)
     p.add_argument("--out", "-o", default="runs", help="where run folders go (default: runs)")
     p.add_argument("--name", help="run folder name (default: <data>-<backbone>-<time>)")
-    p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its last checkpoint (with --epochs "
+                                                   "N: extend a finished run to N epochs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("quickstart", help="make an example folder from scikit-image's images and train on it",
@@ -80,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", "-f", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--out", help="folder to write (default: RUN/export-FORMAT)")
 
-    p = sub.add_parser("plan", help="print the freeze plan and why, without training")
+    p = sub.add_parser("plan", help="print the freeze plan and why, without training",
+                       description="The plan 'finetune train' would make with the same options, without training.")
     _data_args(p)
-    _recipe_args(p)
-    p.add_argument("--backbone", "-b")
+    _train_args(p)
 
     p = sub.add_parser("distance", help="measure how far a folder of images is from ImageNet (0..1)")
     _data_args(p)
@@ -173,21 +179,27 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 def _print_summary(run) -> None:
     s = run.summary
     print(f"\nrun folder: {run.path}")
-    print(f"best checkpoint: {s.get('best_checkpoint')}  ({s.get('best_metric')} = {s.get('best_score')})")
+    score = s.get("best_score")
+    print(f"best checkpoint: {s.get('best_checkpoint')}  ({s.get('best_metric')} = "
+          f"{'-' if score is None else f'{score:.4f}'})")
     for k, v in sorted(s.get("final_metrics", {}).items()):
         print(f"  {k:<14} {v:.4f}")
     print(f"wall time: {s.get('wall_time_s')} s")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import fit
-    if args.resume:
-        run = fit(resume=args.resume, progress=not args.no_progress)
-    else:
-        if not args.data and not args.csv:
-            raise ValueError("give an image folder (or --csv FILE), or --resume RUN")
-        run = fit(args.data, args.recipe, csv=args.csv, out=args.out, name=args.name,
-                  overrides=_train_overrides(args), progress=not args.no_progress)
+    from .train import TrainingStopped, fit
+    try:
+        if args.resume:
+            run = fit(resume=args.resume, progress=not args.no_progress, overrides=_train_overrides(args))
+        else:
+            if not args.data and not args.csv:
+                raise ValueError("give an image folder (or --csv FILE), or --resume RUN")
+            run = fit(args.data, args.recipe, csv=args.csv, out=args.out, name=args.name,
+                      overrides=_train_overrides(args), progress=not args.no_progress)
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        return 130
     _print_summary(run)
     return 0
 
@@ -244,16 +256,18 @@ def _load_recipe(args: argparse.Namespace):
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import augment
     from .backbone import create_backbone
-    from .train import make_plan, measured_distance, prepare
-    recipe = _load_recipe(args)
+    from .freeze import plan_for
+    from .recipe import load_recipe
+    from .train import prepare
+    recipe = load_recipe(args.recipe, _train_overrides(args))
     items, classes, sc = prepare(args.data, recipe, csv=args.csv)
     b = recipe.backbone
     model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
                             in_chans=augment.model_channels(recipe))
     n_train = int((items["split"] == "train").sum())
-    plan = make_plan(model, recipe, n_train, len(classes), measured_distance(args.data, recipe, args.csv))
+    plan = plan_for(model, recipe, n_train, len(classes), data=args.data, csv=args.csv)
     print(f"{b.name} on {args.data or args.csv}: {n_train} training images, {len(classes)} classes, "
-          f"recipe '{recipe.name}'\n")
+          f"recipe '{recipe.name}', {recipe.train.epochs} epochs, batches of {recipe.train.batch_size}\n")
     print(plan.explain())
     return 0
 
@@ -274,21 +288,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         model = reference_model(args.backbone)
     else:
         from .backbone import create_backbone
-        recipe = _load_recipe(args) if args.recipe or args.overrides else None
+        from .recipe import load_recipe
         model = create_backbone(args.backbone, args.n_classes, pretrained=False,
                                 in_chans=size[0] if size else 3)
-        plan = None
-        if args.freeze is not None:
-            f = args.freeze
-            plan = (freeze.probe(model) if f == "probe" else freeze.full(model) if f == "full"
-                    else freeze.auto(model, n_train=args.n_train, n_classes=args.n_classes, domain="natural")
-                    if f == "auto" else freeze.fixed(model, int(f)))
-        elif recipe is not None:
-            from .train import make_plan
-            plan = make_plan(model, recipe, args.n_train, args.n_classes)
-        if plan is not None:
+        f = args.freeze
+        sets = [] if f is None else [f"freeze.mode={f}"] if f in ("probe", "full", "auto") else [
+            "freeze.mode=fixed", f"freeze.depth={f}"]
+        if sets or args.recipe or args.overrides:
+            plan = freeze.plan_for(model, load_recipe(args.recipe, [*args.overrides, *sets]), args.n_train,
+                                   args.n_classes)
             released = max(g.train_from or 0 for g in plan.groups)
-            plan.apply(model, released)  # costs once every scheduled group trains
+            freeze.apply(model, plan, released)  # costs once every scheduled group trains
             print(plan.explain() + f"\n\ncounted at epoch {released}, once the schedule has released its groups\n")
     report = inspect_model(model, size)
     print(report.to_string(layers=args.layers or args.backbone in ("lenet5", "alexnet")))

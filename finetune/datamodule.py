@@ -1,6 +1,7 @@
-"""Lightning data wiring: datasets from a scanned item table, seeded samplers, loader settings."""
+"""Lightning data wiring: datasets from a scanned item table, seeded rank-aware samplers, loader settings."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Iterator
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from .data import ImageDataset
 
@@ -25,17 +26,18 @@ def default_workers() -> int:
 
 class EpochSampler(Sampler):
     """Shuffled (or class-balanced) indices that depend only on (seed, epoch), each with a per-sample seed for
-    augmentation: an epoch replays identically after a resume, with any number of workers."""
+    augmentation: an epoch replays identically after a resume, with any number of workers. With ``world`` > 1
+    each rank takes every world-th of one shared order (padded to equal length, as DistributedSampler does)."""
 
-    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return math.ceil(self.n / self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -44,13 +46,15 @@ class EpochSampler(Sampler):
         else:
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        pairs = list(zip(order.tolist(), seeds.tolist()))
+        pairs += pairs[:len(self) * self.world - self.n]
+        return iter(pairs[self.rank::self.world])
 
 
 class SeededDataset(Dataset):
     """Accepts ``(index, seed)`` keys from :class:`EpochSampler` and seeds the augmentation for that sample."""
 
-    def __init__(self, base: ImageDataset, transform):
+    def __init__(self, base: Dataset, transform):
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
@@ -76,17 +80,20 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.seed, self.balance, self.max_pixels = batch_size, seed, balance, max_pixels
         self.num_workers = default_workers() if num_workers == "auto" else int(num_workers)
+        self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> a linear probe's cached features
 
     def _part(self, split: str) -> pd.DataFrame:
         return self.items[self.items["split"] == split].reset_index(drop=True)
 
-    def dataset(self, split: str, train_transform: bool = False) -> ImageDataset:
+    def dataset(self, split: str, train_transform: bool = False) -> Dataset:
+        if split in self.features:
+            return TensorDataset(*self.features[split])
         return ImageDataset(self._part(split), self.class_to_idx, channels=self.read_channels,
                             transform=self.train_transform if train_transform else self.eval_transform,
                             intensity=self.intensity, max_pixels=self.max_pixels)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
-        workers = self.num_workers
+        workers = 0 if self.features else self.num_workers
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=shuffle,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available(), drop_last=False)
@@ -98,16 +105,24 @@ class ImageDataModule(pl.LightningDataModule):
         labels = self._part("train")["label"]
         return (1.0 / labels.map(labels.value_counts())).to_numpy()
 
+    def _rank(self) -> tuple[int, int]:
+        """(rank, world size): the trainer's distributed sampler is off, the loaders shard by rank themselves."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         base = self.dataset("train", train_transform=True)
         return self._loader(SeededDataset(base, self.train_transform),
-                            EpochSampler(len(base), self.seed, self.sampler_weights()))
+                            EpochSampler(len(base), self.seed, self.sampler_weights(), *self._rank()))
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds, (rank, world) = self.dataset(split), self._rank()  # each rank evaluates its share, in order
+        return self._loader(ds, DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return self._eval_loader("test")
 
     def adapt_dataloader(self) -> DataLoader:
         """Training images through the evaluation pipeline, for re-estimating BN statistics (AdaBN)."""

@@ -22,20 +22,20 @@ MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
 
 
 class KeepMultipliers(pl.Callback):
-    """Scales every group's rate by the plan's multiplier before each step (the finder sets them all equal)."""
+    """Scales every group's rate by the plan's multiplier (0 while its stage is fixed) before each step: the
+    finder sets them all to the one rate it sweeps."""
 
-    def __init__(self, mults: list[float]):
-        self.mults = mults
+    def __init__(self, plan):
+        self.plan = plan
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        for group, mult in zip(optimizer.param_groups, self.mults):
-            group["lr"] *= mult
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_scale"] * self.plan.groups[group["stage"]].live_at(0)
 
 
 def resolve(run, module: pl.LightningModule, datamodule, accelerator: str = "auto") -> float:
     """The head's rate for a recipe with ``optim.lr: find``: read back from the run, or searched now; it is set in
     the module's recipe, whose optimizer uses it."""
-    from .module import FreezeSchedule
     from pytorch_lightning.tuner import Tuner
     path = Path(run.path) / "lr_find.json"
     if path.is_file():
@@ -44,14 +44,15 @@ def resolve(run, module: pl.LightningModule, datamodule, accelerator: str = "aut
         raise ValueError("optim.lr: find searches in one process, not in a multi-process launch: run 'finetune "
                          "lr-find DATA' first, then train with --lr RATE")
     else:
-        plan = module.plan
+        plan, adapted = module.plan, module.plan.adapted
         module.recipe.optim.lr = MIN_LR  # configure_optimizers needs a number; the finder sets the rates itself
         trainer = pl.Trainer(max_epochs=10_000, accelerator=accelerator, devices=1, logger=False,
-                             callbacks=[FreezeSchedule(plan), KeepMultipliers(plan.lr_mults(0))],
+                             callbacks=[KeepMultipliers(plan)], use_distributed_sampler=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run.path)
         finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR,
                                         num_training=STEPS, update_attr=False)
+        plan.adapted = adapted  # the finder restored the weights, BN statistics included: training adapts again
         curve = pd.DataFrame(finder.results)  # lr, smoothed loss per step
         curve.to_csv(Path(run.path) / "lr_find.csv", index=False)
         lr, why = choose(curve["lr"].to_numpy(), curve["loss"].to_numpy(), finder.suggestion())

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger
 
 from .extras import require
 
@@ -26,10 +26,18 @@ def loggers(names: list[str], run_path: Path) -> list[Logger]:
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(run_path) / "mlruns").resolve().as_uri()
             if uri.startswith("file:"):  # MLflow 3 asks to opt in to its file store (no server, no database)
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            out.append(L.MLFlowLogger(experiment_name="finetune", run_name=Path(run_path).name, tracking_uri=uri))
+            out.append(_MLflow(experiment_name="finetune", run_name=Path(run_path).name, tracking_uri=uri))
         else:
             out.append(L.WandbLogger(name=Path(run_path).name, project="finetune", save_dir=str(run_path)))
     return out
+
+
+class _MLflow(MLFlowLogger):
+    """Metric names with '.' for '/': a file store keeps 'lr-AdamW/stem' as a file, so 'lr-AdamW/stem/no_decay'
+    (the stage's weights without decay) could not be a folder beside it."""
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({k.replace("/", "."): v for k, v in metrics.items()}, step)
 
 
 class LogRun(pl.Callback):
@@ -54,7 +62,7 @@ class LogRun(pl.Callback):
                 continue
             lg.log_hyperparams(params)
             lg.log_metrics(final, step=trainer.global_step)
-            if type(lg).__name__ == "MLFlowLogger":
+            if isinstance(lg, MLFlowLogger):
                 for f in files:
                     lg.experiment.log_artifact(lg.run_id, str(f))
             elif type(lg).__name__ == "WandbLogger":

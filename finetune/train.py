@@ -1,7 +1,9 @@
 """``fit``: from an image folder (or CSV) and a recipe to a trained model in a new run folder."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -13,18 +15,20 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from . import augment, cache, freeze, lr_find, tracking
+from . import augment, cache, lr_find, tracking
 from .backbone import create_backbone
 from .data import DataError, scan, split
 from .datamodule import ImageDataModule
-from .freeze import Plan
+from .freeze import Plan, plan_for, set_trainable
 from .images import dataset_percentiles
-from .module import Classifier, FreezeSchedule
+from .module import Classifier
 from .preprocess import Pipeline, Preprocess
-from .recipe import Recipe, load_recipe
-from .run import AtomicCheckpointIO, Run, RunError
+from .recipe import Recipe, Train, load_recipe
+from .run import AtomicCheckpointIO, Run, RunError, atomic_write
 
 log = logging.getLogger("finetune")
+# Lightning's advertisement for its cloud logger, printed by every Trainer, is noise in a training log
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 _RUN_ENV = "FINETUNE_RUN"  # rank 0's run folder, inherited by the DDP processes it starts
 
 
@@ -38,44 +42,6 @@ def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None =
     return items, list(sc.classes), sc
 
 
-def measured_distance(data: str | Path | None, recipe: Recipe, csv: str | Path | None = None) -> float | None:
-    """The calibrated distance to ImageNet when the recipe says ``freeze.domain: measure``, else None."""
-    if recipe.freeze.domain != "measure":
-        return None
-    from .domain import measure_folder
-    report = measure_folder(data, recipe, csv=csv)
-    log.info("measured distance to ImageNet: %.2f (%d images)", report.overall, report.n_images)
-    return report.overall
-
-
-def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: int,
-              measured: float | None = None) -> Plan:
-    """The freeze plan the recipe asks for: automatic (declared or ``measured`` distance), full, probe or fixed."""
-    f, t = recipe.freeze, recipe.train
-    distance = f.domain if isinstance(f.domain, float) else None
-    domain = f.domain if isinstance(f.domain, str) and f.domain != "measure" else None
-    if f.domain == "measure":
-        if measured is None:
-            raise ValueError("freeze.domain: measure needs the measured distance: train.measured_distance(data, recipe)")
-        distance = measured
-    if f.mode == "auto":
-        return freeze.auto(model, n_train=n_train, n_classes=n_classes, domain=domain, distance=distance,
-                           epochs=t.epochs, batch_size=t.batch_size, bn=f.bn, schedule=f.schedule,
-                           probe_epochs=f.probe_epochs, lr_decay=f.lr_decay)
-    if f.bn == "auto":  # a plan by hand still gets the automatic BN policy for its data
-        d = distance if distance is not None else freeze.DOMAINS[domain]
-        bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size,
-                                                n_train / max(n_classes, 1))
-    else:
-        bn_fixed = bn_trained = f.bn
-    kw = dict(bn_fixed=bn_fixed, bn_trained=bn_trained, epochs=t.epochs, probe_epochs=f.probe_epochs)
-    sched = "none" if f.schedule == "auto" else f.schedule
-    if f.mode == "full":
-        return freeze.full(model, schedule=sched, **kw)
-    if f.mode == "probe":
-        return freeze.probe(model, **kw)
-    return freeze.fixed(model, f.depth, schedule=sched, **kw)
-
 def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = None, *, csv: str | Path | None = None,
         out: str | Path = "runs", name: str | None = None, overrides: dict | list | None = None,
         resume: str | Path | None = None, progress: bool = True,
@@ -83,7 +49,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     """Fine-tune a timm backbone on an image folder (one sub-folder per class) or a CSV of path,label[,split].
 
     Writes a new run folder under ``out`` (never overwriting one) and returns it; ``resume=RUN`` continues a
-    stopped run from its last checkpoint, schedules included.
+    stopped run from its last checkpoint, schedules included (``overrides`` may then raise ``train.epochs`` only,
+    to extend a finished run). Ctrl-C or SIGTERM raise :class:`TrainingStopped`, which says how to continue.
     """
     started = time.time()
     if resume is None:
@@ -97,40 +64,56 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     shared = None if resume is not None or _is_rank_zero() else _rank_zero_run(out, name)
     if resume is not None or shared is not None:
         run = shared or Run.open(resume)
+        if resume is not None and overrides:
+            _extend(run, overrides)
         recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
         pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
         ckpt = None if shared else run.checkpoint("last")
-        b = recipe_obj.backbone
-        start = bool(shared) and b.pretrained  # another rank of a new run starts from rank 0's weights
-        pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)
-        model = create_backbone(b.name, len(classes), pretrained=start, weights=b.weights if start else None,
-                                in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+        pretrained = bool(shared) and recipe_obj.backbone.pretrained  # other ranks of a new run: rank 0's weights
     else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
         items, classes, sc = prepare(data, recipe_obj, csv=csv)
         if len(classes) < 2:
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
-        b = recipe_obj.backbone
-        pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
-        model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
-                                in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+        ckpt, pretrained = None, recipe_obj.backbone.pretrained
+    b = recipe_obj.backbone
+    pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
+    model = create_backbone(b.name, len(classes), pretrained=pretrained, weights=b.weights if pretrained else None,
+                            in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+    if resume is None and shared is None:
         pre = _preprocess(recipe_obj, model, items)
         run = Run.create(out, name, stem)
         run.write_new("recipe.yaml", recipe_obj.to_yaml())
         run.write_json("classes.json", classes)
         items.to_csv(run.path / "items.csv", index=False)
         sc.save_report(run.path)
-        n_train = int((items["split"] == "train").sum())
-        plan = make_plan(model, recipe_obj, n_train, len(classes), measured_distance(data, recipe_obj, csv))
+        plan = plan_for(model, recipe_obj, int((items["split"] == "train").sum()), len(classes), data=data, csv=csv)
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
         run.write_json("data.json", {"preprocess": pre.to_dict(),
                                      "weights_source": getattr(model, "finetune_source", None)})
-        ckpt = None
     t = recipe_obj.train
-    plan.prepare(model)
+    set_trainable(model, plan, None)  # before DDP wraps the model: it registers what may ever train
     pl.seed_everything(t.seed, workers=True, verbose=False)
+    has_val = bool((items["split"] == "val").any())
+    # the best epoch's weights (for evaluate/export/predict); the optimizer state that resuming needs is in last
+    best = BestCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
+                          monitor="val_acc" if has_val else None, mode="max", save_top_k=1, save_weights_only=True)
+    # every epoch, whatever the score: a crash never costs more than the epoch in progress
+    last = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="last", save_top_k=1, monitor=None,
+                           enable_version_counter=False)
+    processes = _processes(t)
+    steps = math.ceil(int((items["split"] == "train").sum()) / processes / t.batch_size)
+    trainer = pl.Trainer(
+        max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=_strategy(t, plan, processes), use_distributed_sampler=False,  # our data modules shard by rank
+        precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
+        callbacks=[best, last, LearningRateMonitor(logging_interval="epoch"), tracking.LogRun(run.path),
+                   *callbacks],
+        logger=tracking.loggers(t.loggers, run.path), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, steps)))
     train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
     dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
                          train_transform=train_tf, eval_transform=pre.eval_transform(),
@@ -139,7 +122,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
     datamodule, module_cls = dm, Classifier
     if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
-        datamodule, info = cache.cached_training(model, plan, recipe_obj, pre.to_dict(), items, dm, ckpt)
+        datamodule, info = cache.cached_training(model, plan, recipe_obj, pre.to_dict(), items, dm, ckpt,
+                                                 trainer.strategy.root_device)
         if _is_rank_zero():
             run.write_json("features.json", info, replace=True)
         module_cls = cache.HeadClassifier
@@ -147,32 +131,64 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                         extra={"preprocess": pre.to_dict()})
     if recipe_obj.optim.lr == "find":
         lr_find.resolve(run, module, datamodule, t.accelerator)
-    has_val = bool((items["split"] == "val").any())
-    # the best epoch's weights (for evaluate/export/predict); the optimizer state that resuming needs is in last
-    best = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
-                           monitor="val_acc" if has_val else None, mode="max", save_top_k=1, save_weights_only=True)
-    # every epoch, whatever the score: a crash never costs more than the epoch in progress
-    last = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="last", save_top_k=1, monitor=None,
-                           enable_version_counter=False)
-    trainer = pl.Trainer(
-        max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=_strategy(t.strategy, plan), precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
-        callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best, last,
-                   LearningRateMonitor(logging_interval="epoch"), tracking.LogRun(run.path), *callbacks],
-        logger=tracking.loggers(t.loggers, run.path), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
-        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, len(items) // max(1, t.batch_size))))
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LightningModule.*has parameters that were not used.*")
+        for noise in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
+                      ".*LeafSpec.*"):
+            warnings.filterwarnings("ignore", message=noise)
         os.environ[_RUN_ENV] = str(run.path.resolve())  # for the processes Lightning's DDP launcher starts
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        except (KeyboardInterrupt, SystemExit):  # Lightning ends Ctrl-C with exit(1), SIGTERM with SIGTERMException
+            raise TrainingStopped(f"stopped; continue with: finetune train --resume {run.path}") from None
         finally:
             os.environ.pop(_RUN_ENV, None)
     if trainer.global_rank == 0:
         _finish(run, trainer, best, started, resumed=resume is not None)
     return run
+
+
+class TrainingStopped(RunError):
+    """Training was stopped (Ctrl-C, SIGTERM); the run folder holds the last finished epoch."""
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Keeps the best epoch by the monitored score; a tie goes to the lower validation loss, then the later epoch
+    (Lightning's own keeps the first of equal scores: the least-trained one)."""
+
+    best_loss = math.inf
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
+        loss = float(trainer.callback_metrics.get("val_loss", math.inf))
+        tie = current is not None and bool(self.best_k_models) and bool(
+            current == self.best_k_models[self.kth_best_model_path])
+        better = loss <= self.best_loss if tie else super().check_monitor_top_k(trainer, current)
+        if better:
+            self.best_loss = loss
+        return better
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_loss": self.best_loss}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.best_loss = state_dict.get("best_loss", math.inf)
+
+
+def _extend(run: Run, overrides: dict | list) -> None:
+    """Resume with more epochs: the only setting a resume may change (it is written to the run's recipe)."""
+    recipe = run.recipe.override(overrides)
+
+    def rest(r: Recipe) -> dict:
+        return {**r.to_dict(), "train": {**r.to_dict()["train"], "epochs": 0}}
+
+    if rest(recipe) != rest(run.recipe):
+        raise RunError("a resumed run keeps its recipe; only --epochs (train.epochs) can change, to extend it")
+    done = run.summary.get("epochs", 0)
+    if recipe.train.epochs <= done:
+        raise RunError(f"{run.path} has trained {done} epochs; --epochs must be more to extend it")
+    if recipe.train.epochs != run.recipe.train.epochs:
+        log.info("extending %s from %d to %d epochs", run.path, run.recipe.train.epochs, recipe.train.epochs)
+        atomic_write(run.path / "recipe.yaml", recipe.to_yaml())
 
 
 def _is_rank_zero() -> bool:
@@ -217,15 +233,28 @@ def _preprocess(recipe: Recipe, model: torch.nn.Module, items: pd.DataFrame) -> 
         train = items.loc[items["split"] == "train", "path"]
         stats = dataset_percentiles(train, augment.read_channels(recipe), im.percentiles, max_pixels=im.max_pixels)
     return Preprocess(channels=augment.read_channels(recipe), intensity=im.intensity, percentiles=im.percentiles,
-                      stats=stats, max_pixels=im.max_pixels, config=_plain(config),
+                      stats=stats, max_pixels=im.max_pixels, config=json.loads(json.dumps(config)),
                       pipeline=augment.pipeline_to_dict(augment.build_transforms(recipe, config, train=False)))
 
 
-def _strategy(name: str, plan: Plan) -> str:
-    """DDP must tolerate parameters without gradients while the schedule still holds them fixed."""
-    from pytorch_lightning.strategies import StrategyRegistry
-    unused = f"{name}_find_unused_parameters_true"
-    return unused if plan.releases_later and unused in StrategyRegistry else name
+def _processes(t: Train) -> int:
+    """How many training processes the settings ask for (devices per node times nodes)."""
+    d = str(t.devices)
+    if d in ("auto", "-1"):
+        n = torch.cuda.device_count() if t.accelerator in ("auto", "gpu", "cuda") else 1
+    else:
+        n = len([x for x in d.strip("[]").split(",") if x.strip()]) if "," in d else int(d)
+    return max(1, n) * t.num_nodes
+
+
+def _strategy(t: Train, plan: Plan, processes: int) -> Any:
+    """``auto`` with more than one process, or ``ddp``: a DDPStrategy built from the plan, which looks for unused
+    parameters exactly when a registered parameter is fixed in some epoch (the plan releases groups later).
+    Any other strategy name is passed to Lightning as it is."""
+    if t.strategy == "ddp" or (t.strategy == "auto" and processes > 1):
+        from pytorch_lightning.strategies import DDPStrategy
+        return DDPStrategy(find_unused_parameters=plan.releases_later)
+    return t.strategy
 
 
 def _precision(precision: str, accelerator: str) -> str:
@@ -239,7 +268,6 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
     """Write the epoch table and the summary (replaced on resume: it describes the run as it now stands)."""
     table = run.metrics()
     if not table.empty:
-        from .run import atomic_write
         atomic_write(run.path / "metrics.csv", table.to_csv(index=False))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith(("val_", "train_")) and not k.endswith(("_step", "_epoch"))}
@@ -256,11 +284,3 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
         "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__},
     }
     run.write_json("summary.json", summary, replace=True)
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x

@@ -166,3 +166,18 @@ def test_train_with_a_relative_out_then_the_same_name_again_is_refused(capsys, d
     line = one_line_error(err)
     assert code == 2 and "runs/r exists and is never overwritten" in line and "--resume runs/r" in line
     assert {p: p.read_bytes() for p in Path("runs/r").rglob("*") if p.is_file()} == before
+
+
+def test_plan_takes_the_train_options_and_previews_that_run(capsys, data, tmp_path):
+    """``finetune plan`` with train's options shows the plan of that exact run: here 2 epochs (no room for LP-FT)
+    and batches of 8 (too small to re-estimate BN statistics)."""
+    code, out, err = cli(capsys, "plan", data, "--epochs", "2", "--batch-size", "8", "--image-size", "16",
+                         "--set", "freeze.mode=fixed", "--set", "freeze.depth=6", "--set", "freeze.schedule=lp-ft")
+    assert code == 0, err
+    assert "2 epochs, batches of 8" in out and "lp-ft needs at least 3 epochs" in out
+    table = out.split("\n\n")[-1].splitlines()
+    head = next(line for line in table if line.startswith("head"))
+    assert head.rstrip().endswith(" -") and "stats fixed, scale/shift train" in out
+    code, out, _ = cli(capsys, "plan", data, "--epochs", "5", "--set", "freeze.mode=fixed", "--set",
+                       "freeze.depth=6", "--set", "freeze.schedule=lp-ft")
+    assert code == 0 and "linear probe for 1 epoch(s)" in out and "from epoch 1" in out

@@ -1,5 +1,12 @@
-"""End to end: a folder of real images (scikit-image textures) to a trained run, reloaded and predicted."""
+"""End to end: a folder of real images (scikit-image textures) to a trained run, reloaded and predicted; the
+command line's train: a clean log, Ctrl-C and SIGTERM that say how to continue, a finished run extended."""
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -23,6 +30,9 @@ class Capture(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         self.start = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.held = not pl_module.model.conv_stem.training and pl_module.model.classifier.training
+
     def on_fit_end(self, trainer, pl_module):
         self.module = pl_module
 
@@ -42,6 +52,11 @@ def test_fit_lowers_loss_writes_run_and_reloads_identically(textures, tmp_path):
     assert run.classes == ["brick", "grass", "gravel"]
     summary = run.summary
     assert summary["final_metrics"]["val_acc"] > 0.5
+    # the plan held fixed groups through training without leaving anything on the model
+    model = cap.module.model
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+    assert not torch.nn.modules.module._global_forward_pre_hooks and not torch.nn.modules.module._global_forward_hooks
+    assert cap.held and all(m.training for m in model.train().modules())
     # the checkpoint reloads to identical predictions
     pred = Predictor.load(run.path, checkpoint="last")
     items = run.items[run.items["split"] == "train"].head(24)
@@ -112,3 +127,61 @@ def test_16bit_and_multichannel_tiffs_train_and_predict(tmp_path, channels, over
     table = pred.predict_paths([data], top_k=2)
     assert len(table) == 24 and set(table["label_1"]) <= {"stripes", "blobs"}
     assert table[["prob_1", "prob_2"]].sum(axis=1).round(4).eq(1).all()
+
+
+class TiedScores(pl.Callback):
+    """Every epoch validates to the same accuracy; only the loss differs."""
+    losses = [0.9, 0.3, 0.3, 0.6]
+
+    def on_validation_end(self, trainer, pl_module):  # before ModelCheckpoint, which Lightning runs last
+        trainer.callback_metrics.update(val_acc=torch.tensor(0.5),
+                                        val_loss=torch.tensor(self.losses[trainer.current_epoch]))
+
+
+def test_tied_scores_keep_the_lowest_loss_then_the_later_epoch(textures, tmp_path):
+    run = fit(textures, "natural", out=tmp_path, name="ties", progress=False, callbacks=[TiedScores()],
+              overrides=["train.epochs=4", "image.size=16", "train.batch_size=64", "train.num_workers=0"])
+    assert sorted(p.name for p in (run.path / "checkpoints").glob("best-*")) == ["best-epoch=02.ckpt"]
+    assert run.summary["best_checkpoint"].endswith("best-epoch=02.ckpt") and run.summary["best_score"] == 0.5
+
+
+NOISE = ["litlogger", "LeafSpec", "log_every_n_steps", "exists and is not empty", "Traceback"]
+
+
+def _cli(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "finetune.cli", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_cli_train_log_is_clean_and_resume_extends_a_finished_run(textures, tmp_path):
+    opts = ["--image-size", "16", "--batch-size", "64", "--no-progress", "--set", "train.num_workers=0"]
+    first = _cli("train", textures, "--out", tmp_path, "--name", "r", "--epochs", "1", *opts)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    more = _cli("train", "--resume", tmp_path / "r", "--epochs", "2", "--no-progress")
+    out2, err2 = more.communicate(timeout=600)
+    assert more.returncode == 0, err2[-3000:]
+    for text in (out + err, out2 + err2):
+        assert not [n for n in NOISE if n in text], text[-3000:]
+        assert re.search(r"val_acc = \d\.\d{4}\)", text) and not re.search(r"\d\.\d{6}", text), text
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["attempts"] == 2
+    assert "epochs: 2" in (tmp_path / "r" / "recipe.yaml").read_text()
+    refused = _cli("train", "--resume", tmp_path / "r", "--epochs", "3", "--lr", "0.5", "--no-progress")
+    assert refused.wait(timeout=300) == 2 and "only --epochs" in refused.stderr.read()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopped_training_says_how_to_continue(textures, tmp_path, sig):
+    proc = _cli("train", textures, "--out", tmp_path, "--name", "s", "--epochs", "50", "--image-size", "16",
+                "--batch-size", "64", "--no-progress", "--set", "train.num_workers=0")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "s" / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"stopped; continue with: finetune train --resume {tmp_path / 's'}"
+    assert "Traceback" not in err
