@@ -12,7 +12,6 @@ import difflib
 import hashlib
 import logging
 import os
-import secrets
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -290,7 +289,8 @@ def _converted_weights(arch: str, package: _Package) -> Path:
             package.layout,
             origin=f"{package.dist} ({source})",
         )
-        _save_atomic(state, target)
+        from .run import atomic_write  # readers never see a partial file
+        atomic_write(target, lambda f: torch.save(state, f))
     return target
 
 
@@ -346,19 +346,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(partial(f.read, 1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write through a temporary file in the same folder, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _init_head(model: nn.Module) -> None:

@@ -10,7 +10,6 @@ metrics and run folder) and the checkpoint holds the whole timm model, so predic
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -136,10 +135,8 @@ def load_or_compute(model: torch.nn.Module, images: ImageDataModule, key: str,
         if len(ds):
             loader = DataLoader(ds, batch_size=images.batch_size, num_workers=images.num_workers)
             splits[split] = extract(model, loader, device)
-    buf = io.BytesIO()
-    torch.save({"key": key, "splits": {s: {"features": f, "labels": y} for s, (f, y) in splits.items()}}, buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
+    state = {"key": key, "splits": {s: {"features": f, "labels": y} for s, (f, y) in splits.items()}}
+    atomic_write(path, lambda file: torch.save(state, file))
     return splits, False
 
 

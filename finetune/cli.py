@@ -247,19 +247,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _load_recipe(args: argparse.Namespace):
     from .recipe import load_recipe
-    sets = list(args.overrides)
-    if getattr(args, "backbone", None):
-        sets.append(f"backbone.name={args.backbone}")
-    return load_recipe(args.recipe, sets)
+    return load_recipe(args.recipe, _train_overrides(args))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import augment
     from .backbone import create_backbone
     from .freeze import plan_for
-    from .recipe import load_recipe
     from .train import prepare
-    recipe = load_recipe(args.recipe, _train_overrides(args))
+    recipe = _load_recipe(args)
     items, classes, sc = prepare(args.data, recipe, csv=args.csv)
     b = recipe.backbone
     model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,

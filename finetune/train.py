@@ -70,16 +70,17 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
         ckpt = None if shared else run.checkpoint("last")
         pretrained = bool(shared) and recipe_obj.backbone.pretrained  # other ranks of a new run: rank 0's weights
+        weights = recipe_obj.backbone.weights if pretrained else None
     else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
         items, classes, sc = prepare(data, recipe_obj, csv=csv)
         if len(classes) < 2:
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
-        ckpt, pretrained = None, recipe_obj.backbone.pretrained
+        ckpt, pretrained, weights = None, recipe_obj.backbone.pretrained, recipe_obj.backbone.weights
     b = recipe_obj.backbone
     pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
-    model = create_backbone(b.name, len(classes), pretrained=pretrained, weights=b.weights if pretrained else None,
+    model = create_backbone(b.name, len(classes), pretrained=pretrained, weights=weights,
                             in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
     if resume is None and shared is None:
         pre = _preprocess(recipe_obj, model, items)

@@ -272,13 +272,13 @@ def test_explain_speaks_of_batchnorm_only_for_models_with_it():
     for bn in ("auto", "affine", "adapt"):
         plan = freeze.auto(vit, n_train=300, n_classes=3, domain="microscopy", bn=bn)
         assert "BatchNorm" not in plan.explain() and {g.bn for g in plan.groups} == {"-"}
-        assert [r["bn"] for r in plan.table()] == ["-"] * len(plan.groups)
+        assert [g.bn_text for g in plan.groups] == ["-"] * len(plan.groups)
     assert "BatchNorm" in freeze.auto(_model(), n_train=300, n_classes=3, domain="microscopy").explain()
 
 
 def test_plan_table_says_what_batchnorm_does(lite0):
     plan = freeze.make_plan(lite0, 4, bn_fixed="frozen", bn_trained="frozen")
-    bn = {r["group"]: r["bn"] for r in plan.table()}
+    bn = {g.name: g.bn_text for g in plan.groups}
     assert bn["head"] == "-" and bn["stem"] == "stats fixed, scale/shift fixed"
     assert bn["blocks.3"] == "stats fixed, scale/shift train"
     assert "stats fixed, scale/shift train" in plan.explain().splitlines()[-2]

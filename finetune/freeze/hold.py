@@ -22,21 +22,14 @@ def _modules(model: torch.nn.Module, g: GroupPlan) -> Iterator[torch.nn.Module]:
         yield from named[m].modules()
 
 
-def _bn_params(model: torch.nn.Module, g: GroupPlan) -> set[str]:
-    ids = {id(p) for mod in _modules(model, g) if isinstance(mod, _BN) for p in mod.parameters(recurse=False)}
-    return {n for n, p in model.named_parameters() if id(p) in ids}
-
-
 def trainable(model: torch.nn.Module, plan: Plan, epoch: int | None = None) -> set[str]:
     """Names of the parameters that train at ``epoch``; ``None``: in any epoch (what DDP must register)."""
     plan.check(model)
-    out: set[str] = set()
-    for g in plan.groups:
-        if g.train_from is not None and (epoch is None or g.trains_at(epoch)):
-            out.update(g.params)
-        elif g.bn == "affine":
-            out.update(_bn_params(model, g))
-    return out
+    ids = {id(p) for g in plan.groups if g.train_from is not None and (epoch is None or g.trains_at(epoch))
+           for p in (dict(model.named_parameters())[n] for n in g.params)}
+    ids |= {id(p) for g in plan.groups if g.bn == "affine" for m in _modules(model, g) if isinstance(m, _BN)
+            for p in m.parameters(recurse=False)}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def set_trainable(model: torch.nn.Module, plan: Plan, epoch: int | None) -> None:

@@ -78,10 +78,6 @@ class Plan:
         """Some group starts training after epoch 0 (LP-FT, gradual)."""
         return any(g.train_from not in (None, 0) for g in self.groups)
 
-    def table(self) -> list[dict]:
-        return [{"group": g.name, "weights": g.numel, "trains_from_epoch": g.train_from,
-                 "lr_mult": round(g.lr_mult, 4), "bn": g.bn_text} for g in self.groups]
-
     def explain(self) -> str:
         """The reasons, with numbers, then the plan as a table."""
         lines = [f"- {r}" for r in self.reasons]
@@ -103,15 +99,12 @@ class Plan:
                              f"make the plan from this model (finetune.freeze.auto)")
 
     def state_dict(self) -> dict:
-        return {"groups": [asdict(g) for g in self.groups], "schedule": self.schedule,
-                "reasons": list(self.reasons), "inputs": dict(self.inputs), "adapted": self.adapted}
+        return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Plan:
-        groups = [GroupPlan(**{**g, "params": tuple(g["params"]), "modules": tuple(g["modules"])})
-                  for g in state["groups"]]
-        return cls(groups=groups, schedule=state["schedule"], reasons=list(state["reasons"]),
-                   inputs=dict(state["inputs"]), adapted=bool(state["adapted"]))
+        return cls(**{**state, "groups": [GroupPlan(**{**g, "params": tuple(g["params"]),
+                                                        "modules": tuple(g["modules"])}) for g in state["groups"]]})
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(Plan.from_state_dict(state).__dict__)
