@@ -31,8 +31,8 @@ class Explainer:
             raise ValueError("class-activation maps need the run's PyTorch model (a timm network): pass the run "
                              "folder, not an exported model")
         self.predictor, self.method = predictor, method
-        self.cam = getattr(cams, METHODS[method])(model=model, target_layers=[features_layer(model)],
-                                                  reshape_transform=_spatial(model))
+        layer = features_layer(model, predictor.preprocess.config["input_size"])
+        self.cam = getattr(cams, METHODS[method])(model=model, target_layers=[layer], reshape_transform=_spatial(model))
 
     def __call__(self, x: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -60,18 +60,16 @@ class Explainer:
                 for v, m in zip(views, self(x, targets))]
 
 
-def features_layer(model: torch.nn.Module) -> torch.nn.Module:
+def features_layer(model: torch.nn.Module, input_size: Sequence[int]) -> torch.nn.Module:
     """The module whose output ``forward_features`` returns: after the last stage's final norm and activation.
     (EfficientNet's and MobileNet's stages end in a linear bottleneck, whose maps measured inverted: the cat
     test in tests/test_explain.py put 0.52 of the map on the cat from blocks.6, 0.68 from bn2.)"""
-    from timm.data import resolve_data_config
     done: list[tuple[torch.nn.Module, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda m, i, o: done.append((m, o))) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
             p = next(model.parameters())
-            out = model.forward_features(torch.zeros(1, *resolve_data_config({}, model=model)["input_size"],
-                                                     device=p.device, dtype=p.dtype))
+            out = model.forward_features(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -103,14 +101,14 @@ def explain(run: str | Path, paths: Sequence[str | Path], *, method: str = "grad
     map of its top answer, in ``out`` (default a new ``RUN/explain-<method>`` folder) with ``explain.csv``."""
     from PIL import Image
 
-    from .evaluate import _new_folder
     from .predict import Predictor, expand_paths
+    from .run import next_free
     predictor = Predictor.load(run)
     explainer = Explainer(predictor, method)
     files = expand_paths(paths)
     table = predictor.predict_paths(files, top_k=top_k, batch_size=batch_size)
     if out is None:
-        folder = _new_folder(Path(run), f"explain-{method.replace('+', 'p')}")
+        folder = next_free(Path(run), f"explain-{method.replace('+', 'p')}")
     else:
         folder = Path(out)
         try:

@@ -51,9 +51,9 @@ class LogRun(pl.Callback):
         from .run import Run
         run = Run(self.path)
         params = _flat(run.recipe.to_dict())
-        for g in run.plan.table():  # MLflow's keys take no '+', which joins module names in a group's name
-            params[f"plan.{g['group'].replace('+', ' ')}"] = (f"trains from {g['trains_from_epoch']}, "
-                                                             f"lr x{g['lr_mult']}, bn {g['bn']}")
+        for g in run.plan.groups:  # MLflow's keys take no '+', which joins module names in a group's name
+            params[f"plan.{g.name.replace('+', ' ')}"] = (f"trains from {g.train_from}, lr x{g.lr_mult:.3g}, "
+                                                         f"bn: {g.bn_text}")
         final = {f"final_{k}": float(v) for k, v in trainer.callback_metrics.items()
                  if k.startswith(("val_", "train_")) and not k.endswith(("_step", "_epoch"))}
         files = [self.path / n for n in ("recipe.yaml", "plan.txt", "lr_find.png") if (self.path / n).is_file()]
