@@ -144,6 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="processes writing the chunks (default: every core, at most 8)")
     _scan_arg(p)
 
+    p = sub.add_parser("explain", help="where the model looked: class-activation maps over images (grad-cam)",
+                       description="Writes, per image, the image as the model read it beside the map of its top "
+                                   "answer (PNG), and explain.csv with the top-k answers. Needs finetune[explain].")
+    p.add_argument("run", help="a run folder made by 'finetune train'")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--method", "-m", default="gradcam", help="gradcam (default), gradcam++, hirescam, xgradcam, "
+                                                              "layercam, eigencam, eigengradcam, scorecam, ablationcam")
+    p.add_argument("--top-k", "-k", type=int, default=3)
+    p.add_argument("--out", help="folder to write (default: RUN/explain-METHOD)")
+
+    p = sub.add_parser("lr-find", help="Lightning's learning-rate finder on the freeze plan's groups, without training",
+                       description="Sweeps the head's learning rate (the plan's multipliers kept), writes the curve "
+                                   "(lr_find.png) and the chosen rate into a new run folder and prints it.")
+    _data_args(p)
+    _recipe_args(p)
+    p.add_argument("--backbone", "-b")
+    p.add_argument("--out", "-o", default="runs")
+
+    p = sub.add_parser("serve", help="a web page on this computer: upload images, see the top-k answers and maps",
+                       description="Serves a page on http://127.0.0.1:PORT/ (this computer only) for a run or an "
+                                   "exported model folder; maps need a run and finetune[explain].")
+    p.add_argument("run", help="a run folder or an exported model folder")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--top-k", "-k", type=int, default=3)
+
     p = sub.add_parser("recipes", help="list the shipped recipes, or show one")
     p.add_argument("name", nargs="?", help="a recipe to show with its comments (default: list them all)")
     return ap
@@ -153,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
-        return int(globals()[f"_cmd_{args.command}"](args) or 0)
+        return int(globals()[f"_cmd_{args.command.replace('-', '_')}"](args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -367,6 +392,29 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{s} {n}" for s, n in packed.meta["counts"].items() if n)
     print(f"packed {len(packed.items)} images in {len(packed.classes)} classes ({counts}; {len(packed.bad)} bad files "
           f"left out) to {packed.url}\nnext: finetune train {packed.url}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+    table = explain(args.run, args.paths, method=args.method, top_k=args.top_k, out=args.out)
+    print(table.to_string(index=False))
+    print(f"\noverlays and explain.csv in {Path(table['overlay'][0]).parent}")
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from .lr_find import find_only
+    sets = [*args.overrides, *([f"backbone.name={args.backbone}"] if args.backbone else [])]
+    run, found = find_only(args.data, args.recipe, csv=args.csv, out=args.out, overrides=sets)
+    print(f"{found['reason']}\ncurve: {run.path / 'lr_find.png'}\ntrain with it: --lr {found['lr']:.3g} "
+          f"(or optim.lr: find in the recipe)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+    serve(args.run, port=args.port, top_k=args.top_k)
     return 0
 
 

@@ -79,10 +79,11 @@ class Freeze:
 
 @dataclass
 class Optim:
-    """Optimiser and learning-rate schedule; ``lr`` is the head's rate, the backbone gets a fraction of it."""
+    """Optimiser and learning-rate schedule; ``lr`` is the head's rate, the backbone gets a fraction of it
+    (``find``: Lightning's learning-rate finder picks it before training)."""
 
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
+    lr: Union[float, Literal["find"]] = 1e-3
     weight_decay: float = 0.01
     momentum: float = 0.9
     warmup_epochs: float = 1.0
@@ -121,6 +122,9 @@ class Train:
     scan: Literal["auto", "full", "header"] = "auto"  # auto: headers only from data.HEADER_ONLY_FROM files on
     strict: bool = False
     allow_outside: bool = False
+    # Lightning loggers besides the CSV log (always written): tensorboard, mlflow (MLFLOW_TRACKING_URI, else
+    # RUN/mlruns), wandb
+    loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["csv"])
 
 
 @dataclass
@@ -317,6 +321,8 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
                 return _coerce(value, option, where, source)
             except RecipeError as e:
                 errors.append(e)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (int in args or float in args):
+            raise errors[args.index(int if int in args else float)]  # the number's own error: its range
         raise errors[0] if len(args) == 2 and type(None) in args and value is not None else RecipeError(
             f"{source}: '{where}' = {value!r} must be one of: {' or '.join(_type_name(a) for a in args)}")
     if tp is type(None):

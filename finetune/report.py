@@ -150,7 +150,7 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
         parts.append(f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({ev.metrics['n']} images)</h2>")
         parts.append(f"<p class=sub>checkpoint {_e(ev.checkpoint)}; files in {_e(str(ev.folder))}</p>")
         parts.append(_picture(ev, "confusion.png") + _picture(ev, "calibration.png"))
-        parts.append(_picture(ev, "wrong.png"))
+        parts.append(_picture(ev, "wrong.png") + _cams(run, ev))
     else:
         parts.append("<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) +
                      "</code> adds per-class results, the confusion matrix, calibration and the worst mistakes.</p>")
@@ -309,8 +309,35 @@ def _picture(ev: Evaluation | None, name: str, make=None) -> str:
         data = plots.png_bytes(make())
     else:
         return ""
+    return _figure(data, PICTURES.get(name, name))
+
+
+def _cams(run: Run, ev: Evaluation, n_wrong: int = 8, per_class: int = 2) -> str:
+    """Where the model looked (Grad-CAM of the predicted class) on the most confident mistakes and on the most
+    confident correct images of each class; a line on how to get them when grad-cam is not installed."""
+    from .explain import Explainer
+    from .predict import Predictor
+    try:
+        explainer = Explainer(Predictor.load(run.path / ev.checkpoint, device="cpu"))
+    except ImportError as e:
+        return f"<p>Maps of where the model looked: {_e(e)}; then evaluate again.</p>"
+    p = pd.read_csv(ev.folder / "predictions.csv").sort_values("confidence", ascending=False, kind="stable")
+    out = ""
+    for rows, what in ((p[~p["correct"]].head(n_wrong), f"the {n_wrong} most confident mistakes"),
+                       (p[p["correct"]].groupby("label").head(per_class), f"{per_class} correct images a class")):
+        if rows.empty:
+            continue
+        pairs = explainer.overlays(rows["path"].tolist(), [ev.classes.index(c) for c in rows["predicted"]])
+        fig = plots.image_grid([np.concatenate(pair, axis=1) for pair in pairs],
+                               [f"true: {t}\npredicted: {q} ({c:.2f})" for t, q, c in
+                                zip(rows["label"], rows["predicted"], rows["confidence"])], columns=4)
+        out += _figure(plots.png_bytes(fig), f"Where the model looked, {what}: the image as the model read it, "
+                                             f"then the Grad-CAM map of the predicted class (red: most evidence).")
+    return out
+
+
+def _figure(data: bytes, caption: str) -> str:
     b64 = base64.b64encode(data).decode("ascii")
-    caption = PICTURES.get(name, name)
     return (f"<figure><img src='data:image/png;base64,{b64}' alt='{_e(caption)}'>"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 

@@ -15,9 +15,8 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 
-from . import augment, cache
+from . import augment, cache, lr_find, tracking
 from .backbone import create_backbone
 from .data import SCAN_MODES, DataError, is_packed, scan, split
 from .datamodule import ImageDataModule
@@ -127,8 +126,9 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=_strategy(t, plan, processes), use_distributed_sampler=False,  # our data modules shard by rank
         precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
-        callbacks=[timer, best, last, LearningRateMonitor(logging_interval="epoch"), *callbacks],
-        logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
+        callbacks=[timer, best, last, LearningRateMonitor(logging_interval="epoch"), tracking.LogRun(run.path),
+                   *callbacks],
+        logger=tracking.loggers(t.loggers, run.path), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, steps)))
     train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
@@ -148,6 +148,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
                         extra={"preprocess": pre.to_dict()})
     timer.run = run
+    if recipe_obj.optim.lr == "find":
+        lr_find.resolve(run, module, datamodule, t.accelerator)
     with warnings.catch_warnings():
         for noise in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
                       ".*LeafSpec.*", ".*IterableDataset.*has `__len__` defined.*"):  # the last: litdata's, exact

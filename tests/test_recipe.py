@@ -57,7 +57,7 @@ def test_misspelt_key_names_key_file_and_closest_key(tmp_path, text, fragments):
 
 
 @pytest.mark.parametrize("text, fragments", [
-    ("optim:\n  lr: fast\n", ["'optim.lr'", "must be a number", "'fast'"]),
+    ("optim:\n  lr: fast\n", ["'optim.lr'", "must be one of: a number or find", "'fast'"]),
     ("train:\n  epochs: 2.5\n", ["'train.epochs'", "integer"]),
     ("augment:\n  crop_scale: 0.5\n", ["'augment.crop_scale'", "list"]),
     ("train:\n  precision: 16\n", ["'train.precision'", "not allowed", "16-mixed"]),

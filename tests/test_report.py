@@ -64,10 +64,23 @@ def _images(page: str) -> list[Image.Image]:
     return out
 
 
+def _n_pictures(ev) -> int:
+    """per-class, confusion, calibration, wrong, class counts, curves; with grad-cam the maps of the mistakes and
+    of correct images"""
+    try:
+        import pytorch_grad_cam  # noqa: F401
+    except ImportError:
+        return 6
+    correct = pd.read_csv(ev.folder / "predictions.csv")["correct"]
+    return 6 + int((~correct).any()) + int(correct.any())
+
+
 def test_report_is_one_file_with_every_picture_inline(run, ev):
     page = (ev.folder / "report.html").read_text()
     images = _images(page)
-    assert len(images) == 6  # per-class, confusion, calibration, wrong, class counts, curves
+    assert len(images) == _n_pictures(ev)
+    assert (len(images) > 6) == ("Where the model looked, 2 correct images a class" in page)
+    assert (len(images) == 6) == ("pip install 'finetune[explain]'" in page)
     assert all(im.width >= 600 and np.asarray(im.convert("L")).std() > 5 for im in images)
     plan = (run.path / "plan.txt").read_text()
     assert html.escape(plan.splitlines()[0]) in page  # the freeze plan and its reasons
@@ -90,7 +103,7 @@ def test_report_renders_in_headless_chromium(ev, tmp_path):
     found = re.search(r'data-imgs="([^"]*)"', dom.stdout)
     assert found, dom.stderr[-2000:]
     sizes = json.loads(html.unescape(found.group(1)))
-    assert len(sizes) == 6 and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
+    assert len(sizes) == _n_pictures(ev) and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
     shot = tmp_path / "shot.png"
     subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,3000", (ev.folder / "report.html").as_uri()],
                    capture_output=True, timeout=120)
@@ -189,3 +202,11 @@ def test_notes_of_a_class_never_predicted_and_of_evaluation_warnings(run, ev):
     assert "0% of its 16 images are found (recall) and no image is called gravel (precision)" in text
     assert "of the 0 images" not in text
     assert "48 of the 48 evaluated images are in the run's own training split" in text
+
+
+def test_report_says_how_to_get_the_maps_without_grad_cam(run, ev, monkeypatch):
+    import sys
+    from finetune.report import render
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    page = render(run, ev)
+    assert "pip install &#x27;finetune[explain]&#x27;" in page and len(_images(page)) == 6

@@ -1,0 +1,127 @@
+"""Where the model looked: class-activation maps from the ``grad-cam`` package over the image as the network read
+it (after the run's intensity scaling, resizing and cropping), for timm CNNs and ViT-style token models alike."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .extras import require
+
+#: --method name -> grad-cam class
+METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgradcam": "XGradCAM",
+           "layercam": "LayerCAM", "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM", "scorecam": "ScoreCAM",
+           "ablationcam": "AblationCAM"}
+
+
+class Explainer:
+    """A predictor's torch model with a CAM on the layer that gives timm's ``forward_features`` (the last stage
+    with its final norm and activation); call it on a batch of preprocessed images to get one map (H, W, values
+    0..1) per image for the class asked (default: the top one)."""
+
+    def __init__(self, predictor, method: str = "gradcam"):
+        cams = require("pytorch_grad_cam", "explain", "class-activation maps (finetune explain)")
+        if method not in METHODS:
+            raise ValueError(f"--method {method!r} is not known; choose one of {', '.join(METHODS)}")
+        model = getattr(predictor, "model", None)
+        if not isinstance(model, torch.nn.Module) or not getattr(model, "feature_info", None):
+            raise ValueError("class-activation maps need the run's PyTorch model (a timm network): pass the run "
+                             "folder, not an exported model")
+        self.predictor, self.method = predictor, method
+        layer = features_layer(model, predictor.preprocess.config["input_size"])
+        self.cam = getattr(cams, METHODS[method])(model=model, target_layers=[layer], reshape_transform=_spatial(model))
+
+    def __call__(self, x: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        x = x.to(self.predictor.device)
+        if targets is None:
+            targets = self.predictor.predict(x).argmax(-1).tolist()
+        with torch.enable_grad():
+            return self.cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+    def model_view(self, x: torch.Tensor) -> np.ndarray:
+        """The network's input (C, H, W) back in [0, 1] display units (H, W, 3): gray stays gray, several
+        channels show the first."""
+        cfg = self.predictor.preprocess.config
+        mean, std = (torch.tensor(cfg[k], dtype=x.dtype).view(-1, 1, 1) for k in ("mean", "std"))
+        img = (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        return img if img.shape[-1] == 3 else np.repeat(img[..., :1], 3, axis=-1)
+
+    def overlays(self, files: Sequence[str | Path], targets: Sequence[int] | None = None) -> list[tuple]:
+        """For each file: the image as the model read it and the map over it (both H, W, 3 floats in [0, 1])."""
+        from pytorch_grad_cam.utils.image import show_cam_on_image
+        transform = self.predictor.preprocess.eval_transform()
+        x = torch.stack([self.predictor.preprocess.load(f, transform) for f in files])
+        views = [self.model_view(xi) for xi in x]
+        return [(v, show_cam_on_image(v, m, use_rgb=True, image_weight=0.5) / 255.0)
+                for v, m in zip(views, self(x, targets))]
+
+
+def features_layer(model: torch.nn.Module, input_size: Sequence[int]) -> torch.nn.Module:
+    """The module whose output ``forward_features`` returns: after the last stage's final norm and activation.
+    (EfficientNet's and MobileNet's stages end in a linear bottleneck, whose maps measured inverted: the cat
+    test in tests/test_explain.py put 0.52 of the map on the cat from blocks.6, 0.68 from bn2.)"""
+    done: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: done.append((m, o))) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            out = model.forward_features(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return next(m for m, o in reversed(done) if o is out)
+
+
+def _spatial(model: torch.nn.Module):
+    """grad-cam's reshape_transform: token outputs (B, N, C) without their class/register tokens laid out on the
+    patch grid, channels-last maps (Swin, ...) turned channels-first; CNN maps pass as they are."""
+    channels = model.feature_info[-1]["num_chs"]
+    prefix = getattr(model, "num_prefix_tokens", 0)
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 3:
+            t = t[:, prefix:]
+            grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+            rows = grid[0] if grid and grid[0] * grid[1] == t.shape[1] else int(round(t.shape[1] ** 0.5))
+            t = t.reshape(t.shape[0], rows, -1, t.shape[-1])
+        if t.shape[-1] == channels and t.shape[1] != channels:
+            t = t.permute(0, 3, 1, 2)
+        return t
+
+    return reshape
+
+
+def explain(run: str | Path, paths: Sequence[str | Path], *, method: str = "gradcam", top_k: int = 3,
+            out: str | Path | None = None, batch_size: int = 16) -> pd.DataFrame:
+    """Top-k answers for images (files or folders) with one PNG each: the image as the model read it beside the
+    map of its top answer, in ``out`` (default a new ``RUN/explain-<method>`` folder) with ``explain.csv``."""
+    from PIL import Image
+
+    from .predict import Predictor, expand_paths
+    from .run import next_free
+    predictor = Predictor.load(run)
+    explainer = Explainer(predictor, method)
+    files = expand_paths(paths)
+    table = predictor.predict_paths(files, top_k=top_k, batch_size=batch_size)
+    if out is None:
+        folder = next_free(Path(run), f"explain-{method.replace('+', 'p')}")
+    else:
+        folder = Path(out)
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            raise FileExistsError(f"{folder} exists and is never overwritten; choose another --out") from None
+    targets = [predictor.classes.index(c) for c in table["label_1"]]
+    names = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        for j, (f, (view, ov)) in enumerate(zip(chunk, explainer.overlays(chunk, targets[i:i + batch_size]))):
+            names.append(str(folder / f"{i + j:04d}-{Path(f).stem}.png"))
+            Image.fromarray((np.concatenate([view, ov], axis=1) * 255).round().astype(np.uint8)).save(names[-1])
+    table["overlay"] = names
+    table.to_csv(folder / "explain.csv", index=False)
+    return table
