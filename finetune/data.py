@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import multilabel
 from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, _check_channels, _read_native, probe, read_image,
                      to_unit_float)
 
@@ -45,18 +46,22 @@ class Scan:
     class_to_idx: dict[str, int]
     warnings: list[str]
     image_info: pd.DataFrame
+    multilabel: bool = False  # label cells hold ';'-separated label sets
 
     def report(self) -> str:
         """Counts per class and split, image sizes and dtypes, every bad file with its reason, and the warnings."""
         lines = [f"Data: {self.source}",
                  f"{len(self.items)} images in {len(self.classes)} classes; {len(self.bad)} bad files skipped", ""]
-        splits = self.items["split"].replace("", "unsplit")
-        table = pd.crosstab(self.items["label"], splits).reindex(index=self.classes, fill_value=0)
-        table = table[[s for s in (*SPLITS, "unsplit") if s in table.columns]]
-        table["total"] = table.sum(axis=1)
-        table.loc["total"] = table.sum(axis=0)
-        table.index.name, table.columns.name = "class", None
-        lines += [table.to_string(), ""]
+        if self.multilabel:
+            lines.append(multilabel.counts_report(self.items, self.classes))
+        else:
+            splits = self.items["split"].replace("", "unsplit")
+            table = pd.crosstab(self.items["label"], splits).reindex(index=self.classes, fill_value=0)
+            table = table[[s for s in (*SPLITS, "unsplit") if s in table.columns]]
+            table["total"] = table.sum(axis=1)
+            table.loc["total"] = table.sum(axis=0)
+            table.index.name, table.columns.name = "class", None
+            lines += [table.to_string(), ""]
         info = self.image_info
         if len(info):
             dtypes = ", ".join(f"{k} ({v})" for k, v in info["dtype"].value_counts().items())
@@ -107,10 +112,10 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     root, csv = _locate(root, csv)
     warnings: list[str] = []
     if csv is None:
-        rows, source = _folder_rows(root, warnings)
+        (rows, source), multi = _folder_rows(root, warnings), False
     else:
-        rows, source = _csv_rows(csv, root), f"CSV {csv} (data root {root})"
-    rows, bad = _precheck(rows, root, allow_outside, labels)
+        (rows, multi), source = _csv_rows(csv, root, warnings), f"CSV {csv} (data root {root})"
+    rows, bad = _precheck(rows, root, allow_outside, labels, multi)
     if strict and bad:
         raise _strict_error(*bad[0])
     checked = _check_files(rows["path"].tolist(), channels, decode, max_pixels, workers, strict)
@@ -132,22 +137,25 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
                         f"train/ and val/ folders of such, or csv= with path,label[,split]"
                         + (f"; {len(bad)} bad files: {_bad_summary(bad, root)}" if bad else ""))
 
-    good = _class_warnings(good, rows, min_per_class, labels, warnings)
-    classes = sorted(set(labels)) if labels is not None else sorted(good["label"].unique())
+    if not multi:
+        good = _class_warnings(good, rows, min_per_class, labels, warnings)
+    classes = sorted(set(labels)) if labels is not None else (
+        multilabel.classes_of(good["label"]) if multi else sorted(good["label"].unique()))
     items = good.drop(columns="_line").sort_values("path", kind="stable").reset_index(drop=True)
     bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable")
     info = info[info["path"].isin(items["path"])].reset_index(drop=True)
     return Scan(root, source, items, bad_df.reset_index(drop=True), classes,
-                {c: i for i, c in enumerate(classes)}, warnings, info)
+                {c: i for i, c in enumerate(classes)}, warnings, info, multi)
 
 
 def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
-          groups: str | Callable[[str], str] | None = None) -> pd.DataFrame:
+          groups: str | Callable[[str], str] | None = None, multilabel: bool = False) -> pd.DataFrame:
     """A copy of ``items`` with ``split`` filled in: rows marked val/test keep their split; if no row is 'val',
     a seeded, per-class share of ``val_fraction`` of the train rows moves to val (each class with >= 2 images gets
     at least one, a single-image class stays in train). ``groups`` (a column, a callable on the path, or a regex
     searched in the file name whose first group, or whole match, names the group) keeps each group on one side.
-    The result depends only on the rows' content and the seed, not their order.
+    The result depends only on the rows' content and the seed, not their order. ``multilabel`` label sets are
+    split by iterative stratification (every label's share on both sides); groups then win over labels.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -156,7 +164,9 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     if (out["split"] == "val").any() or val_fraction == 0:
         return out
     pool = out[out["split"] == "train"].sort_values("path", kind="stable")
-    if groups is None:
+    if multilabel and groups is None:
+        val = _multilabel_val(pool, val_fraction, seed)
+    elif groups is None:
         val = _stratified(pool, val_fraction, seed)
     else:
         val = _grouped(pool, _group_keys(pool, groups), val_fraction, seed)
@@ -275,15 +285,29 @@ def _stray(folder: Path, root: Path, warnings: list[str]) -> None:
                         f"(e.g. {os.path.basename(stray[0])})")
 
 
-def _csv_rows(csv: Path, root: Path) -> pd.DataFrame:
+def _csv_rows(csv: Path, root: Path, warnings: list[str]) -> tuple[pd.DataFrame, bool]:
+    """The CSV's rows (path, label, split, _line, extra columns) and whether it is multi-label (then each label
+    cell is a ';'-joined label set)."""
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:
         raise DataError(f"cannot read {csv} as CSV: {e}") from None
     df.columns = [str(c).strip() for c in df.columns]
     lower = {c.lower(): c for c in df.columns}
+    form = multilabel.csv_form(df) if "path" in lower else None
+    if form is not None:
+        try:
+            cells, found = multilabel.label_cells(df, form, np.arange(len(df)) + 2, str(csv))
+        except multilabel.LabelError as e:
+            raise DataError(str(e)) from None
+        keep = [c for c in df.columns if c.lower() in ("path", "split")] if form == "columns" else \
+            [c for c in df.columns if c.lower() not in ("label", "labels")]
+        df = df[keep].assign(label=cells)
+        lower = {c.lower(): c for c in df.columns}
+        warnings += found
     if "path" not in lower or "label" not in lower:
-        raise DataError(f"{csv} needs columns path,label[,split]; it has {list(df.columns)}")
+        raise DataError(f"{csv} needs columns path,label[,split] (multi-label: path,labels with ';' between labels, "
+                        f"or one 0/1 column a label); it has {list(df.columns)}")
     df = df.rename(columns={lower[k]: k for k in ("path", "label", "split") if k in lower})
     df["split"] = df["split"] if "split" in df else ""
     for col in ("path", "label", "split"):
@@ -293,10 +317,11 @@ def _csv_rows(csv: Path, root: Path) -> pd.DataFrame:
     df["path"] = [os.path.normpath(os.path.join(root, p)) if p else "" for p in df["path"]]
     df["_line"] = np.arange(len(df)) + 2  # the header is line 1
     extra = [c for c in df.columns if c not in ("path", "label", "split", "_line")]
-    return df[["path", "label", "split", "_line", *extra]]
+    return df[["path", "label", "split", "_line", *extra]], form is not None
 
 
-def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tuple[pd.DataFrame, list]:
+def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels,
+              multi: bool = False) -> tuple[pd.DataFrame, list]:
     """Row-level problems found without opening files: bad CSV cells, outside root, duplicates, unknown labels."""
     bad, drop = [], np.zeros(len(rows), dtype=bool)
     lines = rows["_line"].to_numpy()
@@ -309,7 +334,7 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
     for i, (path, label, name) in enumerate(zip(rows["path"], rows["label"], rows["split"])):
         if not path:
             mark(i, f"bad row: empty path{where[i]}")
-        elif not label:
+        elif not label and not multi:  # an empty multi-label cell is an image with none of the labels
             mark(i, f"bad row: empty label{where[i]}")
         elif name.lower() not in _SPLIT_NAMES:
             mark(i, f"bad row: split '{name}' is not train, val or test{where[i]}")
@@ -335,8 +360,10 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
     if labels is not None:
         known = set(labels)
         for i, label in enumerate(rows["label"]):
-            if not drop[i] and label not in known:
-                mark(i, f"unknown label: '{label}' is not in the label list{where[i]}")
+            unknown = [lab for lab in label.split(multilabel.SEP) if lab and lab not in known] if multi else \
+                ([label] if label not in known else [])
+            if not drop[i] and unknown:
+                mark(i, f"unknown label: '{unknown[0]}' is not in the label list{where[i]}")
     rows = rows[~drop].copy()
     rows["split"] = [_SPLIT_NAMES[s.lower()] for s in rows["split"]]
     return rows, bad
@@ -446,6 +473,14 @@ def _stratified(pool: pd.DataFrame, fraction: float, seed: int) -> list:
         rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
         val += list(rng.permutation(rows.index.to_numpy())[: int(_n_val(len(rows), fraction))])
     return val
+
+
+def _multilabel_val(pool: pd.DataFrame, fraction: float, seed: int) -> list:
+    try:
+        return multilabel.stratified_val(pool, fraction, seed)
+    except ImportError:
+        raise DataError("splitting multi-label data needs the iterative-stratification package: "
+                        "pip install iterative-stratification (or give a split column)") from None
 
 
 def _group_keys(pool: pd.DataFrame, groups) -> pd.Series:
