@@ -159,3 +159,22 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
                "exact_match": float((pred == t).all(1).float().mean()),
                "labels_without_images": [c for c, p in zip(classes, present) if not p]}
     return metrics, table
+
+
+def pr_curves(probs: torch.Tensor, target: torch.Tensor, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """label -> (precision, recall) along the label's thresholds."""
+    precision, recall, _ = MultilabelPrecisionRecallCurve(num_labels=len(classes))(probs, target.int())
+    return {c: (p.numpy(), r.numpy()) for c, p, r in zip(classes, precision, recall)}
+
+
+def f1_sweep(probs: torch.Tensor, target: torch.Tensor, classes: list[str], steps: int = 99) -> pd.DataFrame:
+    """F1 of every label at evenly spaced thresholds (columns threshold, label, f1)."""
+    grid = torch.linspace(0.01, 0.99, steps)
+    t = target.int()
+    rows = []
+    for th in grid:
+        pred = (probs >= th).int()
+        tp, fp, fn = (pred * t).sum(0), (pred * (1 - t)).sum(0), ((1 - pred) * t).sum(0)
+        f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+        rows += [(float(th), c, float(v)) for c, v in zip(classes, f1)]
+    return pd.DataFrame(rows, columns=["threshold", "label", "f1"])
