@@ -140,6 +140,7 @@ def predict_plan(dataset: str, csv_path: Path, recipe: str, overrides: list[str]
     reads the model's structure only."""
     from finetune import augment
     from finetune.backbone import create_backbone
+    from finetune.freeze import plan_for
     from finetune.recipe import load_recipe
     from finetune import train as T
     r = load_recipe(recipe).override(overrides)
@@ -152,8 +153,7 @@ def predict_plan(dataset: str, csv_path: Path, recipe: str, overrides: list[str]
                                 in_chans=augment.model_channels(r), drop_rate=b.drop_rate)
         _PREDICT_CACHE[key] = items, classes, model
     items, classes, model = _PREDICT_CACHE[key]
-    measured = T.measured_distance(DATASETS / dataset, r, csv=csv_path)
-    plan = T.make_plan(model, r, int((items["split"] == "train").sum()), len(classes), measured)
+    plan = plan_for(model, r, int((items["split"] == "train").sum()), len(classes), data=DATASETS / dataset, csv=csv_path)
     return plan_summary(plan.state_dict())
 
 

@@ -55,7 +55,7 @@ def run(model_name: str, batch: int, size: int, steps: int, warmup: int, rounds:
     rows = []
     for depth in range(n + 1):
         plan = freeze.fixed(model, depth)
-        plan.apply(model)
+        freeze.apply(model, plan)
         totals = inspect_model(model, (3, size, size)).totals
         t = totals.loc["total"]
         rows.append(dict(depth=depth, fixed=plan.groups[depth - 1].name if depth else "-",
@@ -63,9 +63,9 @@ def run(model_name: str, batch: int, size: int, steps: int, warmup: int, rounds:
                          train=int(t["train_ops"]), times=[]))
     for _ in range(rounds):  # rounds interleave the depths, so drifting load on a shared machine hits them all
         for r in rows:
-            freeze.fixed(model, r["depth"]).apply(model)
+            freeze.apply(model, freeze.fixed(model, r["depth"]))
             r["times"].append(_step_time(model, x, y, steps, warmup, clock))
-    freeze.release(model)
+    model.train()  # every module follows train()/eval() again
     base_ops, base_t = rows[0]["train"], min(rows[0]["times"])
     for r in rows:
         r["ms"] = 1e3 * min(r["times"])

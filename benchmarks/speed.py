@@ -166,7 +166,7 @@ def cmd_freeze(a: argparse.Namespace) -> None:
     rows = []
     for depth in range(n + 1):
         plan = freeze.fixed(model, depth)
-        plan.apply(model)
+        freeze.apply(model, plan)
         model.train()
         total = inspect_model(model, (3, a.size, a.size)).totals.loc["total"]
         saved, inside = saved_bytes(model, plan, x, y)
@@ -176,7 +176,7 @@ def cmd_freeze(a: argparse.Namespace) -> None:
     for _ in range(a.rounds):  # depths interleaved: a load change on the shared machine hits every depth
         for r in rows:
             plan = freeze.fixed(model, r["depth"])
-            plan.apply(model)
+            freeze.apply(model, plan)
             model.train()
             r["times"] += step_times(model, x, y, a.steps, clock)
             if r["depth"] in (n // 2, n):  # explicit no_grad around the prefix, against requires_grad alone
@@ -191,7 +191,7 @@ def cmd_freeze(a: argparse.Namespace) -> None:
                     for h in hooks:
                         h.remove()
                     r["checked"] = True
-    freeze.release(model)
+    model.train()  # every module follows train()/eval() again
     base = rows[0]
     t0 = median(base["times"])
     lines = ["| fixed depth | last fixed group | step ms | time vs full | predicted (train ops) | measured/predicted "

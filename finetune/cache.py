@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .backbone import _finetune_home
-from .datamodule import EpochSampler, ImageDataModule
-from .freeze import Plan
+from .datamodule import EpochSampler, ImageDataModule, eval_sampler, shard
+from .freeze import Plan, adapt_bn
 from .module import Classifier
 from .recipe import Recipe
 from .run import atomic_write, load_checkpoint
@@ -168,10 +168,11 @@ class FeatureDataModule(pl.LightningDataModule):
         self.weights = images.sampler_weights()
 
     def _loader(self, split: str, sampler=None) -> DataLoader:
-        return DataLoader(FeatureDataset(*self.splits[split]), batch_size=self.batch_size, sampler=sampler)
+        ds = FeatureDataset(*self.splits[split])
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler or eval_sampler(self, ds))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", EpochSampler(len(self.splits["train"][1]), self.seed, self.weights))
+        return self._loader("train", EpochSampler(len(self.splits["train"][1]), self.seed, self.weights, *shard(self)))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val") if "val" in self.splits else []
@@ -191,19 +192,20 @@ class HeadClassifier(Classifier):
 
 
 def cached_training(model: torch.nn.Module, plan: Plan, recipe: Recipe, preprocess: dict, items: pd.DataFrame,
-                    images: ImageDataModule, ckpt: str | Path | None = None) -> tuple[FeatureDataModule, dict]:
+                    images: ImageDataModule, ckpt: str | Path | None = None,
+                    device: torch.device | str = "cpu") -> tuple[FeatureDataModule, dict]:
     """Data for training the head on cached features, and a record of the cache (key, path, hit).
 
     BN statistics are re-estimated first where the plan says so (AdaBN changes the features); on resume the
-    checkpoint's weights are loaded first, as the features come from them.
+    checkpoint's weights are loaded first, as the features come from them. Features are computed on ``device``:
+    each rank's own (``trainer.strategy.root_device``).
     """
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         model.load_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")})
         plan.load_state_dict(state["finetune"]["plan"])
     if not plan.adapted:
-        plan.adapt_bn(model, images.adapt_dataloader())
-    device = "cuda" if torch.cuda.is_available() and recipe.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        adapt_bn(model, plan, images.adapt_dataloader())
     key = cache_key(recipe.backbone.name, weights_hash(model), preprocess, items)
     splits, hit = load_or_compute(model, images, key, device)
     model.to("cpu")

@@ -219,14 +219,15 @@ def _load_recipe(args: argparse.Namespace):
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import augment
     from .backbone import create_backbone
-    from .train import make_plan, measured_distance, prepare
+    from .freeze import plan_for
+    from .train import prepare
     recipe = _load_recipe(args)
     items, classes, sc = prepare(args.data, recipe, csv=args.csv)
     b = recipe.backbone
     model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
                             in_chans=augment.model_channels(recipe))
     n_train = int((items["split"] == "train").sum())
-    plan = make_plan(model, recipe, n_train, len(classes), measured_distance(args.data, recipe, args.csv))
+    plan = plan_for(model, recipe, n_train, len(classes), data=args.data, csv=args.csv)
     print(f"{b.name} on {args.data or args.csv}: {n_train} training images, {len(classes)} classes, "
           f"recipe '{recipe.name}'\n")
     print(plan.explain())
@@ -259,11 +260,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                     else freeze.auto(model, n_train=args.n_train, n_classes=args.n_classes, domain="natural")
                     if f == "auto" else freeze.fixed(model, int(f)))
         elif recipe is not None:
-            from .train import make_plan
-            plan = make_plan(model, recipe, args.n_train, args.n_classes)
+            plan = freeze.plan_for(model, recipe, args.n_train, args.n_classes)
         if plan is not None:
             released = max(g.train_from or 0 for g in plan.groups)
-            plan.apply(model, released)  # costs once every scheduled group trains
+            freeze.apply(model, plan, released)  # costs once every scheduled group trains
             print(plan.explain() + f"\n\ncounted at epoch {released}, once the schedule has released its groups\n")
     report = inspect_model(model, size)
     print(report.to_string(layers=args.layers or args.backbone in ("lenet5", "alexnet")))

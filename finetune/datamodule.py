@@ -1,6 +1,7 @@
-"""Lightning data wiring: datasets from a scanned item table, seeded samplers, loader settings."""
+"""Lightning data wiring: datasets from a scanned item table, seeded rank-aware samplers, loader settings."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Iterator
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .data import ImageDataset
 
@@ -25,17 +26,18 @@ def default_workers() -> int:
 
 class EpochSampler(Sampler):
     """Shuffled (or class-balanced) indices that depend only on (seed, epoch), each with a per-sample seed for
-    augmentation: an epoch replays identically after a resume, with any number of workers."""
+    augmentation: an epoch replays identically after a resume, with any number of workers. With ``world`` > 1
+    each rank takes every world-th of one shared order (padded to equal length, as DistributedSampler does)."""
 
-    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return math.ceil(self.n / self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -44,7 +46,21 @@ class EpochSampler(Sampler):
         else:
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        pairs = list(zip(order.tolist(), seeds.tolist()))
+        pairs += pairs[:len(self) * self.world - self.n]
+        return iter(pairs[self.rank::self.world])
+
+
+def shard(dm: pl.LightningDataModule) -> tuple[int, int]:
+    """(rank, world size) of the trainer a data module is attached to; (0, 1) outside one."""
+    t = dm.trainer
+    return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+
+def eval_sampler(dm: pl.LightningDataModule, dataset: Dataset) -> Sampler | None:
+    """Each rank evaluates its share, in order (the trainer's distributed sampler is off: we shard ourselves)."""
+    rank, world = shard(dm)
+    return DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
 
 
 class SeededDataset(Dataset):
@@ -101,13 +117,15 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         base = self.dataset("train", train_transform=True)
         return self._loader(SeededDataset(base, self.train_transform),
-                            EpochSampler(len(base), self.seed, self.sampler_weights()))
+                            EpochSampler(len(base), self.seed, self.sampler_weights(), *shard(self)))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        ds = self.dataset("val")
+        return self._loader(ds, eval_sampler(self, ds))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        ds = self.dataset("test")
+        return self._loader(ds, eval_sampler(self, ds))
 
     def adapt_dataloader(self) -> DataLoader:
         """Training images through the evaluation pipeline, for re-estimating BN statistics (AdaBN)."""

@@ -19,7 +19,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrati
 
 from . import plots
 from .images import read_image
-from .run import Run
+from .run import Run, next_free
 
 __all__ = ["Evaluation", "evaluate", "select_items", "score", "PICTURES"]
 
@@ -107,7 +107,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
     train = run.items
     table.insert(1, "n_train", [int(((train["split"] == "train") & (train["label"] == c)).sum()) for c in classes])
 
-    folder = _new_folder(run.path, f"eval-{name}-{split}")
+    folder = next_free(run.path, f"eval-{name}-{split}")
     pred = probs.argmax(-1)
     conf = probs.max(-1).values
     predictions = pd.DataFrame({"path": items["path"].to_numpy(), "label": items["label"].to_numpy(),
@@ -216,18 +216,6 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
         "majority_class": classes[majority], "majority_accuracy": float(support[majority] / max(1, support.sum())),
     }
     return metrics, table, cm
-
-
-def _new_folder(parent: Path, base: str) -> Path:
-    """``parent/base``, or ``base-2``, ``base-3``... : the first that does not exist (created atomically)."""
-    for i in range(1, 10_000):
-        path = parent / (base if i == 1 else f"{base}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free folder name for {parent / base}")
 
 
 def _short(name: str, n: int = 28) -> str:

@@ -27,9 +27,7 @@ ATOL = 1e-4
 def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str = "best") -> Path:
     """Export a run's checkpoint to ``out`` (default ``RUN/export-<fmt>``, numbered if it exists; a given ``out``
     that exists is an error) and check that the export's logits match PyTorch's on the run's own images."""
-    from .evaluate import _new_folder
-    from .freeze import release
-    from .run import Run
+    from .run import Run, next_free
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -37,11 +35,10 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
     ckpt = run.checkpoint(checkpoint)
     predictor = Predictor.load(ckpt, device="cpu")
     model = predictor.model
-    release(model)  # the freeze plan's hooks hold layers in eval mode; an export has no use for them
     model.eval()
     example = _example(run, predictor)
     if out is None:
-        folder = _new_folder(run.path, f"export-{fmt}")
+        folder = next_free(run.path, f"export-{fmt}")
     else:
         folder = Path(out)
         folder.parent.mkdir(parents=True, exist_ok=True)

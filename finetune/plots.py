@@ -6,7 +6,6 @@ gives the bytes (the HTML report inlines them).
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -44,22 +43,13 @@ def png_bytes(fig: Figure) -> bytes:
 
 # -- training ----------------------------------------------------------------------------------------------------
 
-def read_logs(run_path: str | Path) -> pd.DataFrame:
-    """Every row of a run's Lightning CSV logs (all resumed attempts, in order); the learning-rate rows, logged
-    at an epoch's start without an epoch number, get the epoch they start."""
-    files = sorted(Path(run_path).glob("logs/version_*/metrics.csv"),
-                   key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
-    if not files:
-        return pd.DataFrame()
-    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
-    if "epoch" in df:
-        df["epoch"] = df["epoch"].bfill()
-    return df
+from .run import read_logs  # noqa: E402 - the one log reader (numeric version order)
 
 
 def lr_columns(log: pd.DataFrame) -> dict[str, str]:
     """Learning-rate columns of LearningRateMonitor (``lr-AdamW/<group>``) by group name."""
-    return {c.split("/", 1)[-1] if "/" in c else c[3:]: c for c in log.columns if c.startswith("lr-")}
+    return {c.split("/", 1)[-1] if "/" in c else c[3:]: c for c in log.columns
+            if c.startswith("lr-") and not c.endswith("/no_decay")}  # a stage's 1-D weights share its rate
 
 
 def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:

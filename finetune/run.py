@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import pandas as pd
 import torch
@@ -25,13 +26,18 @@ class RunError(RuntimeError):
     """A run folder is missing, incomplete or would be overwritten."""
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], Any]) -> None:
+    """Write bytes, text, or what ``data(file)`` writes, to a temporary file beside ``path``, then rename: readers
+    never see half a file, and a kill during the write leaves the old file whole."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,25 +46,45 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         raise
 
 
+def next_free(parent: str | Path, base: str) -> Path:
+    """Create and return ``parent/base``, or ``base-2``, ``base-3``...: the first that does not exist (``mkdir`` is
+    atomic, so two processes never get the same folder)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        path = parent / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RunError(f"no free folder name for {parent / base}")
+
+
+def read_logs(run_path: str | Path) -> pd.DataFrame:
+    """Every row of a run's Lightning CSV logs, attempts in numeric version order (version_2 before version_10);
+    the learning-rate rows, logged at an epoch's start without an epoch number, get the epoch they start."""
+    files = sorted(Path(run_path).glob("logs/version_*/metrics.csv"),
+                   key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    if not files:
+        return pd.DataFrame()
+    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    if "epoch" in df:
+        df["epoch"] = df["epoch"].bfill()
+    return df
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that saves to a temporary file and renames: a kill during a save never
-    leaves a broken checkpoint; loading uses ``weights_only=True``."""
+    """Lightning checkpoint IO that saves through :func:`atomic_write` and loads with ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return load_checkpoint(path, map_location)
+
+
+def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_checkpoint(path, map_location)
 
 
@@ -94,15 +120,7 @@ class Run:
                 raise RunError(f"run folder {path} exists and is never overwritten; choose another --name, or "
                                f"continue it with: finetune train --resume {path}") from None
             return cls(path)
-        base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        for i in range(1000):
-            path = out / (base if i == 0 else f"{base}-{i + 1}")
-            try:
-                path.mkdir()
-                return cls(path)
-            except FileExistsError:
-                continue
-        raise RunError(f"could not create a new run folder under {out}")
+        return cls(next_free(out, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
     def write_new(self, name: str, data: str | bytes) -> Path:
         """Write a file that must not exist yet (a run's records are written once)."""
@@ -172,14 +190,8 @@ class Run:
 
     def metrics(self) -> pd.DataFrame:
         """One row an epoch, merged over every (resumed) attempt's CSV log."""
-        frames = [pd.read_csv(p) for p in sorted((self.path / "logs").glob("version_*/metrics.csv"))]
-        if not frames:
-            return pd.DataFrame()
-        df = pd.concat(frames, ignore_index=True)
-        if "epoch" not in df:
-            return df
-        df["epoch"] = df["epoch"].bfill()  # learning rates are logged at an epoch's start, before its first row
-        return df.groupby("epoch", as_index=False).last()
+        df = read_logs(self.path)
+        return df.groupby("epoch", as_index=False).last() if "epoch" in df else df
 
 
 def recipe_from_checkpoint(ckpt: dict) -> Recipe:

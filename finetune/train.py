@@ -14,16 +14,16 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from . import augment, cache, freeze
+from . import augment, cache
 from .backbone import create_backbone
 from .data import DataError, scan, split
 from .datamodule import ImageDataModule
-from .freeze import Plan
+from .freeze import Plan, plan_for, set_trainable
 from .images import dataset_percentiles
-from .module import Classifier, FreezeSchedule
+from .module import Classifier
 from .preprocess import Pipeline, Preprocess
-from .recipe import Recipe, load_recipe
-from .run import AtomicCheckpointIO, Run, RunError
+from .recipe import Recipe, Train, load_recipe
+from .run import AtomicCheckpointIO, Run, RunError, atomic_write
 
 log = logging.getLogger("finetune")
 _RUN_ENV = "FINETUNE_RUN"  # rank 0's run folder, inherited by the DDP processes it starts
@@ -38,44 +38,6 @@ def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None =
     items = split(sc.items, t.val_fraction, seed=t.seed, groups=t.split_groups)
     return items, list(sc.classes), sc
 
-
-def measured_distance(data: str | Path | None, recipe: Recipe, csv: str | Path | None = None) -> float | None:
-    """The calibrated distance to ImageNet when the recipe says ``freeze.domain: measure``, else None."""
-    if recipe.freeze.domain != "measure":
-        return None
-    from .domain import measure_folder
-    report = measure_folder(data, recipe, csv=csv)
-    log.info("measured distance to ImageNet: %.2f (%d images)", report.overall, report.n_images)
-    return report.overall
-
-
-def make_plan(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: int,
-              measured: float | None = None) -> Plan:
-    """The freeze plan the recipe asks for: automatic (declared or ``measured`` distance), full, probe or fixed."""
-    f, t = recipe.freeze, recipe.train
-    distance = f.domain if isinstance(f.domain, float) else None
-    domain = f.domain if isinstance(f.domain, str) and f.domain != "measure" else None
-    if f.domain == "measure":
-        if measured is None:
-            raise ValueError("freeze.domain: measure needs the measured distance: train.measured_distance(data, recipe)")
-        distance = measured
-    if f.mode == "auto":
-        return freeze.auto(model, n_train=n_train, n_classes=n_classes, domain=domain, distance=distance,
-                           epochs=t.epochs, batch_size=t.batch_size, bn=f.bn, schedule=f.schedule,
-                           probe_epochs=f.probe_epochs, lr_decay=f.lr_decay)
-    if f.bn == "auto":  # a plan by hand still gets the automatic BN policy for its data
-        d = distance if distance is not None else freeze.DOMAINS[domain]
-        bn_fixed, bn_trained = freeze.bn_policy(freeze.trainable_share(n_train, n_classes, d), t.batch_size,
-                                                n_train / max(n_classes, 1))
-    else:
-        bn_fixed = bn_trained = f.bn
-    kw = dict(bn_fixed=bn_fixed, bn_trained=bn_trained, epochs=t.epochs, probe_epochs=f.probe_epochs)
-    sched = "none" if f.schedule == "auto" else f.schedule
-    if f.mode == "full":
-        return freeze.full(model, schedule=sched, **kw)
-    if f.mode == "probe":
-        return freeze.probe(model, **kw)
-    return freeze.fixed(model, f.depth, schedule=sched, **kw)
 
 def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = None, *, csv: str | Path | None = None,
         out: str | Path = "runs", name: str | None = None, overrides: dict | list | None = None,
@@ -123,29 +85,15 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         items.to_csv(run.path / "items.csv", index=False)
         sc.save_report(run.path)
         n_train = int((items["split"] == "train").sum())
-        plan = make_plan(model, recipe_obj, n_train, len(classes), measured_distance(data, recipe_obj, csv))
+        plan = plan_for(model, recipe_obj, n_train, len(classes), data=data, csv=csv)
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
         run.write_json("data.json", {"preprocess": pre.to_dict(),
                                      "weights_source": getattr(model, "finetune_source", None)})
         ckpt = None
     t = recipe_obj.train
-    plan.prepare(model)
+    set_trainable(model, plan, None)  # before DDP wraps the model: it registers what may ever train
     pl.seed_everything(t.seed, workers=True, verbose=False)
-    train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
-    dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
-                         train_transform=train_tf, eval_transform=pre.eval_transform(),
-                         intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
-                         seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels)
-    weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
-    datamodule, module_cls = dm, Classifier
-    if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
-        datamodule, info = cache.cached_training(model, plan, recipe_obj, pre.to_dict(), items, dm, ckpt)
-        if _is_rank_zero():
-            run.write_json("features.json", info, replace=True)
-        module_cls = cache.HeadClassifier
-    module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
-                        extra={"preprocess": pre.to_dict()})
     has_val = bool((items["split"] == "val").any())
     # the best epoch's weights (for evaluate/export/predict); the optimizer state that resuming needs is in last
     best = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
@@ -155,15 +103,29 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                            enable_version_counter=False)
     trainer = pl.Trainer(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=_strategy(t.strategy, plan), precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
-        callbacks=[FreezeSchedule(plan, dm.adapt_dataloader, seed=t.seed if t.deterministic else None), best, last,
-                   LearningRateMonitor(logging_interval="epoch"), *callbacks],
+        strategy=_strategy(t, plan), use_distributed_sampler=False,  # the data modules shard by rank themselves
+        precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
+        callbacks=[best, last, LearningRateMonitor(logging_interval="epoch"), *callbacks],
         logger=CSVLogger(run.path, name="logs"), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(items) // max(1, t.batch_size))))
+    train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
+    dm = ImageDataModule(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
+                         train_transform=train_tf, eval_transform=pre.eval_transform(),
+                         intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
+                         seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels)
+    weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
+    datamodule, module_cls = dm, Classifier
+    if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
+        datamodule, info = cache.cached_training(model, plan, recipe_obj, pre.to_dict(), items, dm, ckpt,
+                                                 trainer.strategy.root_device)
+        if _is_rank_zero():
+            run.write_json("features.json", info, replace=True)
+        module_cls = cache.HeadClassifier
+    module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
+                        extra={"preprocess": pre.to_dict()})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LightningModule.*has parameters that were not used.*")
         os.environ[_RUN_ENV] = str(run.path.resolve())  # for the processes Lightning's DDP launcher starts
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
@@ -220,11 +182,19 @@ def _preprocess(recipe: Recipe, model: torch.nn.Module, items: pd.DataFrame) -> 
                       pipeline=augment.pipeline_to_dict(augment.build_transforms(recipe, config, train=False)))
 
 
-def _strategy(name: str, plan: Plan) -> str:
-    """DDP must tolerate parameters without gradients while the schedule still holds them fixed."""
-    from pytorch_lightning.strategies import StrategyRegistry
-    unused = f"{name}_find_unused_parameters_true"
-    return unused if plan.releases_later and unused in StrategyRegistry else name
+def _strategy(t: Train, plan: Plan) -> Any:
+    """``auto`` or ``ddp`` with more than one process: a DDPStrategy built from the plan, which looks for unused
+    parameters exactly when a registered parameter is fixed in some epoch (the plan releases groups later).
+    Any other strategy name is passed to Lightning as it is."""
+    d = str(t.devices)
+    if d in ("auto", "-1"):
+        n = torch.cuda.device_count() if t.accelerator in ("auto", "gpu", "cuda") else 1
+    else:
+        n = len([x for x in d.strip("[]").split(",") if x.strip()]) if "," in d else int(d)
+    if t.strategy == "ddp" or (t.strategy == "auto" and n * t.num_nodes > 1):
+        from pytorch_lightning.strategies import DDPStrategy
+        return DDPStrategy(find_unused_parameters=plan.releases_later)
+    return t.strategy
 
 
 def _precision(precision: str, accelerator: str) -> str:
@@ -238,7 +208,6 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
     """Write the epoch table and the summary (replaced on resume: it describes the run as it now stands)."""
     table = run.metrics()
     if not table.empty:
-        from .run import atomic_write
         atomic_write(run.path / "metrics.csv", table.to_csv(index=False))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith(("val_", "train_")) and not k.endswith(("_step", "_epoch"))}

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune import freeze
-from finetune.schedule import group_lr_lambdas
+from finetune.optim import lr_factor, param_groups
 from finetune.stages import stages
 
 FAMILIES = ["resnet18", "tf_efficientnet_lite0", "mobilenetv2_100", "mobilenetv3_small_100", "convnext_atto",
@@ -44,13 +44,19 @@ def test_stages_cover_every_parameter_once_in_order(name):
 def test_param_groups_exist_up_front_and_unfreezing_never_adds_groups(lite0):
     model = copy.deepcopy(lite0)
     plan = freeze.make_plan(model, 5, schedule="lp-ft", epochs=4, probe_epochs=2)
-    opt = torch.optim.AdamW(plan.param_groups(model, 1e-3))
+    assert [g.train_from for g in plan.groups] == [None] * 5 + [2] * 3 + [0]
+    opt = torch.optim.AdamW(param_groups(model, plan, 1e-3))
     n_groups = len(opt.param_groups)
-    assert n_groups == len(plan.groups) == len(stages(model))
-    plan.apply(model, 0)
-    assert [any(p.requires_grad for p in g["params"]) for g in opt.param_groups] == [False] * 8 + [True]
-    plan.apply(model, 2)
-    assert [any(p.requires_grad for p in g["params"]) for g in opt.param_groups] == [False] * 5 + [True] * 4
+    assert [g["stage"] for g in opt.param_groups] == [i // 2 for i in range(2 * len(stages(model)))]
+
+    def live():  # per stage, whether any of its parameters trains
+        return [any(p.requires_grad for g in opt.param_groups if g["stage"] == i for p in g["params"])
+                for i in range(len(plan.groups))]
+
+    freeze.apply(model, plan, 0)
+    assert live() == [False] * 8 + [True]
+    freeze.apply(model, plan, 2)
+    assert live() == [False] * 5 + [True] * 4
     assert len(opt.param_groups) == n_groups
     assert plan.lr_mults(0)[5] == 0.0 and plan.lr_mults(2)[5] > 0
 
@@ -60,12 +66,20 @@ def _bn_state(model, group):
     return {f"{m}.{k}": v.clone() for m in group.modules for k, v in mods[m].state_dict().items()}
 
 
-def test_frozen_bn_survives_model_train(lite0):
+def _module(model, plan):
+    from finetune.module import Classifier
+    from finetune.recipe import Recipe
+    return Classifier(model, plan, Recipe(), ["a", "b", "c"])
+
+
+def test_frozen_bn_is_held_by_the_modules_train_without_hooks(lite0):
     model = copy.deepcopy(lite0)
     plan = freeze.make_plan(model, 3, bn_fixed="frozen")
-    plan.apply(model)
+    freeze.apply(model, plan)
     before = _bn_state(model, plan.groups[0])
-    model.train()
+    module = _module(model, plan).train()  # what Lightning calls every epoch
+    assert not model.bn1.training and not model.blocks[1].training and model.blocks[5].training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     model(torch.randn(4, 3, 64, 64) * 3 + 1)
     after = _bn_state(model, plan.groups[0])
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -80,11 +94,11 @@ def test_frozen_bn_survives_model_train(lite0):
 def test_adapt_reestimates_statistics_then_fixes_them(lite0):
     model = copy.deepcopy(lite0)
     plan = freeze.make_plan(model, 2, bn_fixed="adapt")
-    plan.apply(model)
+    freeze.apply(model, plan)
     bn = model.bn1
     old = bn.running_mean.clone()
     data = [torch.randn(8, 3, 32, 32) * 2 + 0.5 for _ in range(3)]
-    seen = plan.adapt_bn(model, data)
+    seen = freeze.adapt_bn(model, plan, data)
     assert seen == 24 and plan.adapted
     assert not torch.allclose(bn.running_mean, old)
     # AdaBN estimate equals the statistics of the stem conv output on exactly those images
@@ -92,7 +106,7 @@ def test_adapt_reestimates_statistics_then_fixes_them(lite0):
         z = torch.cat([model.conv_stem(x) for x in data])
     torch.testing.assert_close(bn.running_mean, z.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
     fixed_stats = bn.running_mean.clone()
-    model.train()
+    _module(model, plan).train()
     model(torch.randn(4, 3, 32, 32))
     assert torch.equal(bn.running_mean, fixed_stats)
 
@@ -100,7 +114,7 @@ def test_adapt_reestimates_statistics_then_fixes_them(lite0):
 def test_affine_trains_only_bn_scale_and_shift(lite0):
     model = copy.deepcopy(lite0)
     plan = freeze.make_plan(model, 8, bn_fixed="affine")
-    plan.apply(model)
+    freeze.apply(model, plan)
     grads = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "bn1.weight" in grads and "bn1.bias" in grads
     assert "conv_stem.weight" not in grads and "blocks.0.0.conv_dw.weight" not in grads
@@ -110,10 +124,10 @@ def test_affine_trains_only_bn_scale_and_shift(lite0):
 def test_freezing_is_exact_after_training(lite0):
     model = copy.deepcopy(lite0)
     plan = freeze.make_plan(model, 4)
-    plan.apply(model)
+    freeze.apply(model, plan)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(plan.param_groups(model, 1e-2, weight_decay=0.1))
-    model.train()
+    opt = torch.optim.AdamW(param_groups(model, plan, 1e-2, weight_decay=0.1))
+    _module(model, plan).train()
     for _ in range(3):
         loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
         opt.zero_grad()
@@ -129,7 +143,7 @@ def test_freezing_is_exact_after_training(lite0):
 def test_frozen_prefix_builds_no_autograd_graph(lite0):
     model = copy.deepcopy(lite0)
     plan = freeze.make_plan(model, 4)
-    plan.apply(model)
+    freeze.apply(model, plan)
     seen = {}
     model.blocks[2].register_forward_hook(lambda m, i, o: seen.update(prefix=o.requires_grad))
     model.blocks[3].register_forward_hook(lambda m, i, o: seen.update(trained=o.requires_grad))
@@ -145,13 +159,37 @@ def test_gradual_schedule_releases_one_group_per_epoch(lite0):
     assert [sum(plan.trainable(e)) for e in range(5)] == [1, 2, 3, 4, 4]
 
 
-def test_lr_lambdas_follow_the_plan(lite0):
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 8, 20])
+@pytest.mark.parametrize("schedule", ["gradual", "lp-ft"])
+def test_schedules_fit_the_epoch_budget_and_explain_agrees(lite0, schedule, epochs):
+    """No group starts at or after the last epoch; fixed_depth, the table and the reasons say the same."""
+    plan = freeze.auto(lite0, n_train=30_000, n_classes=3, domain="microscopy", epochs=epochs, schedule=schedule,
+                       probe_epochs=epochs)
+    starts = [g.train_from for g in plan.groups if g.train_from is not None]
+    assert max(starts) <= max(0, epochs - 2)
+    assert plan.fixed_depth == sum(g.train_from is None for g in plan.groups)
+    text = plan.explain()
+    if epochs < 3:
+        assert plan.schedule == "none" and "needs at least 3 epochs" in text
+    else:
+        assert plan.schedule == schedule and f"from epoch {max(starts)}" in text
+        if schedule == "gradual" and epochs - 2 < 8:
+            assert "start at or after the last epoch" in text
+        if schedule == "lp-ft" and epochs > 2:
+            assert "capped from" in text
+    assert not any(f"from epoch {e}" in text for e in range(max(1, epochs - 1), 30))
+
+
+def test_lr_factors_follow_the_plan(lite0):
     plan = freeze.make_plan(lite0, 5, schedule="lp-ft", epochs=4, probe_epochs=1, base_mult=0.1, decay=0.5)
-    lam = group_lr_lambdas(plan, steps_per_epoch=10, epochs=4, warmup_epochs=1)
+    lam = [lr_factor(g, steps_per_epoch=10, epochs=4, warmup_epochs=1) for g in plan.groups]
     assert all(lam[i](s) == 0.0 for i in range(5) for s in range(40))
     assert lam[7](5) == 0.0 and lam[7](10) > 0  # released after the probe epoch, with its own warm-up
     assert lam[8](0) > 0
-    assert lam[6](25) == pytest.approx(lam[7](25) * 0.5)
+    assert lam[6](25) == pytest.approx(lam[7](25))  # one curve; the multiplier is the group's lr
+    lr = {g["name"]: g["lr"] for g in param_groups(lite0, plan, 1e-3)}
+    names = [g.name for g in plan.groups]
+    assert lr[names[6]] == pytest.approx(lr[names[7]] * 0.5) and lr["head"] == lr["head/no_decay"] == 1e-3
     assert lam[8](39) < lam[8](15)  # cosine decays
 
 
@@ -161,7 +199,7 @@ def test_plan_state_round_trips_and_refuses_another_model(lite0):
     back = freeze.Plan.from_state_dict(plan.state_dict())
     assert back == plan
     with pytest.raises(ValueError, match="another model"):
-        back.param_groups(_model("resnet18"), 1e-3)
+        param_groups(_model("resnet18"), back, 1e-3)
 
 
 def test_explanation_reads_with_numbers(lite0):
@@ -214,10 +252,61 @@ def test_auto_extremes(lite0):
         freeze.auto(lite0, n_train=10, n_classes=2, domain="xray")
 
 
-def test_prepare_leaves_exactly_the_releasable_parameters_to_ddp(lite0):
+def test_ddp_registers_exactly_the_parameters_that_may_ever_train(lite0):
     model = copy.deepcopy(lite0)
     plan = freeze.make_plan(model, 5, schedule="lp-ft", epochs=4, probe_epochs=1)
     assert plan.releases_later and not freeze.make_plan(model, 5).releases_later
-    plan.prepare(model)
+    freeze.set_trainable(model, plan, None)
     needs = [any(dict(model.named_parameters())[p].requires_grad for p in g.params) for g in plan.groups]
     assert needs == [False] * 5 + [True] * 4
+    # affine: only the BatchNorm scale/shift of fixed groups, never their convolutions
+    affine = freeze.make_plan(model, 8, bn_fixed="affine")
+    freeze.set_trainable(model, affine, None)
+    live = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert live == freeze.trainable(model, affine, 0) and "bn1.weight" in live and "conv_stem.weight" not in live
+    assert all(".bn" in n or n.startswith(("bn", "classifier")) for n in live) and not affine.releases_later
+
+
+def test_explain_speaks_of_batchnorm_only_for_models_with_it():
+    vit = _model("vit_tiny_patch16_224")
+    for bn in ("auto", "affine", "adapt"):
+        plan = freeze.auto(vit, n_train=300, n_classes=3, domain="microscopy", bn=bn)
+        assert "BatchNorm" not in plan.explain() and {g.bn for g in plan.groups} == {"-"}
+        assert [r["bn"] for r in plan.table()] == ["-"] * len(plan.groups)
+    assert "BatchNorm" in freeze.auto(_model(), n_train=300, n_classes=3, domain="microscopy").explain()
+
+
+def test_plan_table_says_what_batchnorm_does(lite0):
+    plan = freeze.make_plan(lite0, 4, bn_fixed="frozen", bn_trained="frozen")
+    bn = {r["group"]: r["bn"] for r in plan.table()}
+    assert bn["head"] == "-" and bn["stem"] == "stats fixed, scale/shift fixed"
+    assert bn["blocks.3"] == "stats fixed, scale/shift train"
+    assert "stats fixed, scale/shift train" in plan.explain().splitlines()[-2]
+
+
+def test_rule_is_a_pure_function_of_numbers():
+    d = freeze.decide(240, 10, 8, distance=0.62, epochs=5, batch_size=8)
+    assert d == freeze.decide(240, 10, 8, distance=0.62, epochs=5, batch_size=8)
+    assert (d.depth, d.schedule, d.bn_fixed, d.bn_trained) == (4, "lp-ft", "frozen", "frozen")
+    reasons = " ".join(freeze.explain(d))
+    assert "batches of 8 < 16" in reasons and "0.52" in reasons
+    big = freeze.decide(100_000, 10, 8, distance=0.9, batch_size=32)
+    assert big.bn_trained == "train" and big.depth == 0
+    assert freeze.decide(100_000, 10, 8, distance=0.9, batch_size=8).bn_trained == "frozen"  # batch too small
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "vit_tiny_patch16_224"])
+def test_no_weight_decay_on_biases_norms_and_what_timm_exempts(name):
+    model = _model(name)
+    plan = freeze.make_plan(model, 2)
+    groups = param_groups(model, plan, 1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter once
+    exempt = set(getattr(model, "no_weight_decay", set)())
+    for g in groups:
+        assert g["name"].endswith("/no_decay") == (g["weight_decay"] == 0.0)
+        for p in g["params"]:
+            flat = p.ndim <= 1 or names[id(p)] in exempt
+            assert (g["weight_decay"] == 0.0) == flat, names[id(p)]
+    assert "bn1.weight" in seen if name.startswith("tf_") else "cls_token" in exempt

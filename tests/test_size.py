@@ -162,7 +162,7 @@ def test_frozen_trainable_split_follows_the_freeze_plan(n_train, domain):
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
     plan = freeze.auto(model, n_train=n_train, n_classes=10, domain=domain)
     epoch = max(g.train_from or 0 for g in plan.groups)
-    plan.apply(model, epoch)
+    freeze.apply(model, plan, epoch)
     report = inspect_model(model, (3, 64, 64))
     fixed = sum(g.numel for g in plan.groups if not g.trains_at(epoch))
     assert report.totals.loc["frozen", "params"] == fixed

@@ -1,0 +1,97 @@
+"""How a plan acts on a model: which weights train at an epoch, how fixed groups stay fixed, AdaBN, and which
+weights may ever train (what DDP must register).
+
+Fixed groups are held in eval mode (BN statistics, dropout and drop-path off) by :func:`hold_eval`, which the
+LightningModule's ``train(mode)`` calls after ``nn.Module.train`` (the way mmdetection's ``frozen_stages`` and
+``norm_eval`` do): no hooks on the model, so nothing outlives training and ``torch.compile`` sees a plain model.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from .plan import GroupPlan, Plan
+
+_BN = torch.nn.modules.batchnorm._BatchNorm
+
+
+def _modules(model: torch.nn.Module, g: GroupPlan) -> Iterator[torch.nn.Module]:
+    named = dict(model.named_modules())
+    for m in g.modules:
+        yield from named[m].modules()
+
+
+def _bn_params(model: torch.nn.Module, g: GroupPlan) -> set[str]:
+    ids = {id(p) for mod in _modules(model, g) if isinstance(mod, _BN) for p in mod.parameters(recurse=False)}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def trainable(model: torch.nn.Module, plan: Plan, epoch: int | None = None) -> set[str]:
+    """Names of the parameters that train at ``epoch``; ``None``: in any epoch (what DDP must register)."""
+    plan.check(model)
+    out: set[str] = set()
+    for g in plan.groups:
+        if g.train_from is not None and (epoch is None or g.trains_at(epoch)):
+            out.update(g.params)
+        elif g.bn == "affine":
+            out.update(_bn_params(model, g))
+    return out
+
+
+def set_trainable(model: torch.nn.Module, plan: Plan, epoch: int | None) -> None:
+    """``requires_grad`` as the plan says for ``epoch`` (``None``: every parameter that may ever train)."""
+    live = trainable(model, plan, epoch)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in live)
+
+
+def hold_eval(model: torch.nn.Module, plan: Plan, epoch: int) -> None:
+    """Put what the plan holds at ``epoch`` in eval mode: every module of a fixed group, and BatchNorm that is not
+    in 'train' mode. Call right after ``model.train()``; does nothing to a model in eval mode."""
+    if not model.training:
+        return
+    for g in plan.groups:
+        live = g.trains_at(epoch)
+        for mod in _modules(model, g):
+            if (g.bn != "train") if isinstance(mod, _BN) else not live:
+                mod.training = False
+
+
+def apply(model: torch.nn.Module, plan: Plan, epoch: int = 0) -> None:
+    """``requires_grad`` and train/eval modes for ``epoch`` (outside Lightning: the module's ``train`` holds)."""
+    set_trainable(model, plan, epoch)
+    if model.training:
+        model.train()
+        hold_eval(model, plan, epoch)
+
+
+def adapt_bn(model: torch.nn.Module, plan: Plan, batches: Iterable, max_batches: int = 50) -> int:
+    """AdaBN: re-estimate the running statistics of the 'adapt' groups on target images, then fix them.
+
+    Returns the number of images seen; every other module runs in eval mode meanwhile; modes are restored.
+    """
+    bns = [m for g in plan.groups if g.bn == "adapt" for m in _modules(model, g) if isinstance(m, _BN)]
+    seen = 0
+    if bns:
+        modes = {m: m.training for m in model.modules()}
+        momenta = [bn.momentum for bn in bns]
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average over all batches seen
+            bn.train()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                if i >= max_batches:
+                    break
+                x = x[0] if isinstance(x, (list, tuple)) else x
+                model(x.to(device))
+                seen += len(x)
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        for m, training in modes.items():
+            m.training = training
+    plan.adapted = True
+    return seen
