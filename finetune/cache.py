@@ -177,13 +177,10 @@ class FeatureDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val") if "val" in self.splits else []
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test") if "test" in self.splits else []
-
 
 class HeadClassifier(Classifier):
     """A :class:`Classifier` whose batches are features: only the head (after the model's dropout) runs.
-    Images still go through the whole model, so ``predict_step`` on images is unchanged."""
+    Images still go through the whole model, so a checkpoint predicts images as any other does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:

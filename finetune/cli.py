@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="processes that read the images (default: 0 on 2 CPU cores or fewer, "
+                                               "1 on more; with a GPU every core but one, at most 8)")
 
     p = sub.add_parser("predict", help="predict labels of images with a run or an export")
     p.add_argument("run", help="a run folder or an exported model folder")
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="CSV to write (default: print)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="processes that read the images (default as for evaluate)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it "
+                                                         "(skipped files get their reason in the error column)")
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript with its labels and preprocessing")
     p.add_argument("run")
@@ -181,23 +186,31 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     result = evaluate(args.run, args.data, csv=args.csv, split=args.split, checkpoint=args.checkpoint,
-                      tta=args.tta, batch_size=args.batch_size)
+                      tta=args.tta, batch_size=args.batch_size, workers=args.workers)
     print(result.to_string())
     print(f"\nreport: {result.folder / 'report.html'}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .data import bad_files_note
     from .predict import Predictor
+    if args.out and Path(args.out).exists():
+        raise FileExistsError(f"{args.out} exists and is not overwritten; choose another --out")
     table = Predictor.load(args.run).predict_paths(args.paths, top_k=args.top_k, tta=args.tta,
-                                                   batch_size=args.batch_size)
+                                                   batch_size=args.batch_size, workers=args.workers)
+    bad = table[table["error"] != ""].rename(columns={"error": "reason"})
+    if args.strict and len(bad):
+        raise ValueError(f"{bad['path'].iloc[0]}: {bad['reason'].iloc[0]} ({len(bad)} unreadable files; without "
+                         f"--strict they are skipped and listed in the error column)")
     if args.out:
-        if Path(args.out).exists():
-            raise FileExistsError(f"{args.out} exists and is not overwritten; choose another --out")
         table.to_csv(args.out, index=False)
         print(f"wrote {len(table)} predictions to {args.out}")
     else:
         print(table.to_string(index=False))
+    note = bad_files_note(bad, f"the error column of {args.out or 'the table above'}")
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

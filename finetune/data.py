@@ -19,7 +19,7 @@ from . import multilabel
 from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, _check_channels, _read_native, probe, read_image,
                      to_unit_float)
 
-__all__ = ["DataError", "ImageDataset", "SPLITS", "Scan", "scan", "split"]
+__all__ = ["DataError", "ImageDataset", "SPLITS", "Scan", "bad_files_note", "default_workers", "scan", "split"]
 
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -203,6 +203,26 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             return self.transform(img), int(self.targets[index])
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(self.targets[index])
+
+
+def default_workers() -> int:
+    """Loader processes. With a GPU, decoding limits the speed: every core but one (at most 8). On the CPU the model
+    trains 10-60x slower than one process decodes and augments (benchmarks/README.md): one worker, and none on 2
+    cores or fewer, where it would only take a core from the model's threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.cuda.is_available():
+        return max(0, min(8, cores - 1))
+    return 0 if cores <= 2 else 1
+
+
+def bad_files_note(bad: pd.DataFrame, listed_in: str | os.PathLike) -> str | None:
+    """The console's one line about skipped files (a table with a ``reason`` column): how many, of which kinds,
+    and where the list is; None when nothing was skipped."""
+    if not len(bad):
+        return None
+    kinds = bad["reason"].astype(str).str.split(":").str[0].value_counts()
+    return (f"{len(bad)} unreadable file{'s' if len(bad) > 1 else ''} skipped ("
+            + ", ".join(f"{k} {v}" for k, v in kinds.items()) + f"): listed in {listed_in}")
 
 
 # -- finding files -----------------------------------------------------------------------------------------------

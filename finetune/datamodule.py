@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -11,17 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .data import ImageDataset
-
-
-def default_workers() -> int:
-    """Loader processes. With a GPU, decoding limits the speed: every core but one (at most 8). On the CPU the model
-    trains 10-60x slower than one process decodes and augments (benchmarks/README.md): one worker, and none on 2
-    cores or fewer, where it would only take a core from the model's threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.cuda.is_available():
-        return max(0, min(8, cores - 1))
-    return 0 if cores <= 2 else 1
+from .data import ImageDataset, default_workers
 
 
 class EpochSampler(Sampler):
@@ -80,7 +69,7 @@ class SeededDataset(Dataset):
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Train/val/test loaders over an item table (columns path, label, split)."""
+    """Train and val loaders over an item table (columns path, label, split)."""
 
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], *, read_channels: int,
                  train_transform: Callable, eval_transform: Callable, intensity: Callable | None,
@@ -121,10 +110,6 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds = self.dataset("val")
-        return self._loader(ds, eval_sampler(self, ds))
-
-    def test_dataloader(self) -> DataLoader:
-        ds = self.dataset("test")
         return self._loader(ds, eval_sampler(self, ds))
 
     def adapt_dataloader(self) -> DataLoader:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,96 +17,57 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrati
                                          MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
 
 from . import plots
+from .data import bad_files_note, scan
 from .images import read_image
+from .predict import Predictor
+from .report import PICTURES, Evaluation, write_report
 from .run import Run, next_free
 
 __all__ = ["Evaluation", "evaluate", "select_items", "score", "PICTURES"]
 
-#: file name -> what the picture shows (the report's captions use these too)
-PICTURES = {
-    "per_class.png": "Images per class (left) beside each class's precision, recall and F1 (right).",
-    "confusion.png": "Confusion matrix: counts, coloured by the share of each true class (left: recall) and of "
-                     "each predicted class (right: precision).",
-    "calibration.png": "Reliability diagram: is the model as often right as it is confident?",
-    "wrong.png": "The most confidently wrong images, with their true and predicted labels, shown after the run's "
-                 "intensity scaling (as the network sees them, before resizing).",
-    "curves.png": "Training curves: loss, accuracy and each param group's learning rate.",
-    "class_counts.png": "Images per class in each split of the run's data.",
-}
-
-
-@dataclass
-class Evaluation:
-    """The result of :func:`evaluate`; ``load`` reads one back from its folder."""
-
-    folder: Path
-    run: Path
-    data: str
-    split: str
-    checkpoint: str
-    classes: list[str]
-    metrics: dict
-    per_class: pd.DataFrame
-    confusion: np.ndarray
-    pictures: dict[str, Path] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Evaluation:
-        folder = Path(folder)
-        m = json.loads((folder / "metrics.json").read_text())
-        table = pd.read_csv(folder / "per_class.csv", keep_default_na=False)
-        return cls(folder=folder, run=Path(m["run"]), data=m["data"], split=m["split"], checkpoint=m["checkpoint"],
-                   classes=m["classes"], metrics=m["metrics"], per_class=table, confusion=np.array(m["confusion"]),
-                   pictures={n: folder / n for n in PICTURES if (folder / n).is_file()})
-
-    def to_string(self) -> str:
-        m, n_cls = self.metrics, len(self.classes)
-        top5 = (f"{m['top5_error']:.3f}" if m["top5_error"] is not None
-                else f"-      ({n_cls} classes: the top 5 always hold the answer)")
-        lines = [
-            f"Evaluated {self.run} ({self.checkpoint}) on {self.data}, split {self.split}: "
-            f"{m['n']} images, {n_cls} classes",
-            f"  top-1 error          {m['top1_error']:.3f}  (accuracy {m['accuracy']:.3f}; always answering "
-            f"'{m['majority_class']}' would score {m['majority_accuracy']:.3f})",
-            f"  top-5 error          {top5}",
-            f"  balanced accuracy    {m['balanced_accuracy']:.3f}  (mean of the per-class recalls)",
-            f"  macro F1             {m['macro_f1']:.3f}",
-            f"  calibration error    {m['ece']:.3f}  (ECE, {m['n_bins']} bins: 0 = as often right as confident)",
-            "",
-            self.per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
-            "",
-            f"written to {self.folder}/: " + ", ".join(sorted(p.name for p in self.folder.iterdir())),
-        ]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.to_string()
-
 
 def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str | Path | None = None,
-             split: str | None = None, checkpoint: str = "best", batch_size: int = 64, tta: bool = False,
-             n_bins: int = 10, n_wrong: int = 16, device: str | None = None, report: bool = True) -> Evaluation:
+             split: str | None = None, checkpoint: str = "best", batch_size: int = 64, workers: int | None = None,
+             tta: bool = False, n_bins: int = 10, n_wrong: int = 16, device: str | None = None,
+             report: bool = True) -> Evaluation:
     """Evaluate a run's checkpoint on ``data`` (an image folder or ``csv``; default: the run's own test split,
     else its val split) and write everything into a new ``RUN/eval-<data>-<split>`` folder.
 
     ``split`` picks train/val/test of the data (default: test if there is one, else val, else every image).
+    Images are read by ``workers`` loader processes (default: :func:`finetune.data.default_workers`). Files that
+    cannot be read are skipped and listed in ``bad_files.csv``; images of the run's own training split are
+    counted, and both are noted in ``warnings``.
     """
-    from .predict import Predictor
-
     run = run if isinstance(run, Run) else Run.open(run)
     classes = run.classes
-    items, name, split = select_items(run, data, csv=csv, split=split)
+    items, name, split, bad = select_items(run, data, csv=csv, split=split)
     ckpt = run.checkpoint(checkpoint)
     predictor = Predictor.load(ckpt, device=device)
     if predictor.classes != classes:
         raise ValueError(f"{ckpt} predicts {predictor.classes}, the run's classes.json says {classes}")
-    probs = predictor.probabilities(items["path"].tolist(), tta=tta, batch_size=batch_size)
+    probs, errors = predictor.probabilities(items["path"].tolist(), tta=tta, batch_size=batch_size, workers=workers)
+    if errors:
+        bad = pd.concat([bad, pd.DataFrame({"path": items["path"][list(errors)], "reason": list(errors.values())})])
+        keep = ~items.index.isin(list(errors))
+        items, probs = items[keep].reset_index(drop=True), probs[torch.from_numpy(keep)]
+    if not len(items):
+        raise ValueError(f"none of the images of {name} ({split}) could be read")
     target = torch.tensor([classes.index(c) for c in items["label"]])
     metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
-    train = run.items
-    table.insert(1, "n_train", [int(((train["split"] == "train") & (train["label"] == c)).sum()) for c in classes])
+    train = run.items[run.items["split"] == "train"]
+    table.insert(1, "n_train", [int((train["label"] == c).sum()) for c in classes])
+    real = os.path.realpath  # the same file under another name (a symlinked folder) counts
+    metrics["train_overlap"] = int(items["path"].map(real).isin(set(train["path"].map(real))).sum())
+    metrics["bad_files"] = len(bad)
 
     folder = next_free(run.path, f"eval-{name}-{split}")
+    notes = []
+    if len(bad):
+        bad.to_csv(folder / "bad_files.csv", index=False)
+        notes.append(bad_files_note(bad, folder / "bad_files.csv"))
+    if metrics["train_overlap"]:
+        notes.append(f"{metrics['train_overlap']} of the {len(items)} evaluated images are in the run's own training "
+                     f"split: these scores overstate how it does on images it has not seen")
     pred = probs.argmax(-1)
     conf = probs.max(-1).values
     predictions = pd.DataFrame({"path": items["path"].to_numpy(), "label": items["label"].to_numpy(),
@@ -122,7 +82,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
     ckpt_name = str(ckpt.relative_to(run.path))
     record = {"run": str(run.path), "data": name, "data_path": str(data or csv or run.path / "items.csv"),
               "split": split, "checkpoint": ckpt_name, "tta": tta, "classes": classes, "metrics": metrics,
-              "confusion": cm.tolist(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "warnings": notes, "confusion": cm.tolist(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (folder / "metrics.json").write_text(json.dumps(record, indent=2))
 
     pre = predictor.preprocess
@@ -146,28 +106,29 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         plots.save(fig, folder / fname)
     result = Evaluation(folder=folder, run=run.path, data=name, split=split, checkpoint=ckpt_name,
                         classes=classes, metrics=metrics, per_class=table, confusion=cm,
-                        pictures={n: folder / n for n in figures})
+                        pictures={n: folder / n for n in figures}, warnings=notes)
     if report:
-        from .report import write_report
         write_report(run, result, out=folder / "report.html")
     return result
 
 
 def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | None = None,
-                 split: str | None = None) -> tuple[pd.DataFrame, str, str]:
-    """The images to evaluate (path, label), a name for the data and the split used.
+                 split: str | None = None) -> tuple[pd.DataFrame, str, str, pd.DataFrame]:
+    """The images to evaluate (path, label), a name for the data, the split used and the files the scan skipped
+    (path, reason).
 
     Without data: the run's own items (default split: test if any, else val). With data: a scan of it
     (default split: test, else val, else every image, named 'all'). Labels the run does not know are an error.
     """
+    bad = pd.DataFrame(columns=["path", "reason"])
     if data is None and csv is None:
         items = run.items
         root = os.path.commonpath(items["path"].tolist()) if len(items) else str(run.path)
         name = Path(root).name
     else:
-        from .data import scan
         channels = run.read_json("data.json")["preprocess"]["channels"]
-        items = scan(data, csv=csv, channels=channels).items
+        found = scan(data, csv=csv, channels=channels)
+        items, bad = found.items, found.bad
         name = Path(str(data)).resolve().name if data is not None else Path(csv).stem
     present = [s for s in ("test", "val", "train") if (items["split"] == s).any()]
     if split is None:
@@ -185,7 +146,7 @@ def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | 
     if unknown:
         raise ValueError(f"labels {unknown[:5]} are not classes of {run.path} ({', '.join(run.classes)}): evaluate "
                          f"on data with the run's classes only")
-    return items[["path", "label"]].reset_index(drop=True), re.sub(r"[^\w.-]+", "_", name) or "data", split
+    return items[["path", "label"]].reset_index(drop=True), re.sub(r"[^\w.-]+", "_", name) or "data", split, bad
 
 
 def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],

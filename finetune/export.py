@@ -1,7 +1,6 @@
 """``export``: a run's model as ONNX or TorchScript, with its class names and preprocessing beside it in
-``export.json`` (format, file, classes, preprocess, input size); :class:`ExportedPredictor` predicts from such a
-folder with onnxruntime or torch.jit, finetune.preprocess/images/augment (with the recipe schema augment reads)
-and albumentations only: no timm, no Lightning, none of the training code.
+``export.json`` (format, file, classes, preprocess, input size, and ``input``: the preprocessing as plain numbers
+for code without torch). ``Predictor.load(folder)`` predicts from such a folder with onnxruntime or torch.jit.
 """
 from __future__ import annotations
 
@@ -13,15 +12,16 @@ from typing import Any
 
 import torch
 
-from .predict import Predictor
-from .preprocess import Pipeline, Preprocess
+from .predict import FORMATS, Predictor
+from .preprocess import Preprocess
 
-__all__ = ["FORMATS", "export", "ExportedPredictor"]
+__all__ = ["FORMATS", "export", "input_spec"]
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 OPSET = 17
 #: largest difference between the export's logits and PyTorch's that ``export`` accepts
 ATOL = 1e-4
+#: OpenCV's interpolation flags by value, as albumentations stores them
+_CV2 = {0: "INTER_NEAREST", 1: "INTER_LINEAR", 2: "INTER_CUBIC", 3: "INTER_AREA", 4: "INTER_LANCZOS4"}
 
 
 def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str = "best") -> Path:
@@ -34,8 +34,7 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
     run = run if isinstance(run, Run) else Run.open(run)
     ckpt = run.checkpoint(checkpoint)
     predictor = Predictor.load(ckpt, device="cpu")
-    model = predictor.model
-    model.eval()
+    model = predictor.model  # in eval mode, without the hold of training
     example = _example(run, predictor)
     if out is None:
         folder = next_free(run.path, f"export-{fmt}")
@@ -60,8 +59,8 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
                 "preprocess": predictor.preprocess.to_dict(), "input_size": list(example.shape[1:]),
                 "batch": "dynamic", "run": str(run.path), "checkpoint": str(ckpt.relative_to(run.path)),
                 "backbone": run.recipe.backbone.name, "opset": OPSET if fmt == "onnx" else None,
-                "torch": torch.__version__}
-        exported = ExportedPredictor(folder, meta, device="cpu")
+                "torch": torch.__version__, "input": input_spec(predictor.preprocess)}
+        exported = Predictor.from_export(folder, "cpu", meta)
         with torch.no_grad():
             diff = float((exported.logits(example) - model(example)).abs().max())
         if not diff <= ATOL:
@@ -79,59 +78,29 @@ def _example(run, predictor: Predictor, n: int = 4) -> torch.Tensor:
     items = run.items
     items = items[items["split"] == "val"] if (items["split"] == "val").any() else items
     paths = items["path"].head(n).tolist()
-    return torch.stack([predictor.preprocess.load(p, predictor._transform) for p in paths])
+    return torch.stack([predictor.preprocess.load(p, predictor.transform) for p in paths])
 
 
-class ExportedPredictor(Predictor):
-    """An exported model with its classes and preprocessing: ``predict(x)`` and ``predict_paths(...)`` as
-    :class:`~finetune.predict.Predictor`, run by onnxruntime (ONNX) or torch.jit (TorchScript)."""
-
-    def __init__(self, folder: str | Path, meta: dict, device: str | torch.device | None = None):
-        self.folder, self.meta = Path(folder), meta
-        self.classes = list(meta["classes"])
-        self.preprocess = Preprocess.from_dict(meta["preprocess"])
-        self._transform = _eval_pipeline(self.preprocess)
-        path = self.folder / meta["file"]
-        if meta["format"] == "onnx":
-            import onnxruntime as ort
-            use_gpu = device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_gpu else ["CPUExecutionProvider"]
-            self.session = ort.InferenceSession(str(path), providers=providers)
-            self.device = torch.device("cpu")  # onnxruntime takes and returns host arrays
-        elif meta["format"] == "torchscript":
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load announces its deprecation
-                self.module = torch.jit.load(str(path), map_location=self.device).eval()
-        else:
-            raise ValueError(f"{self.folder}/export.json: unknown format {meta['format']!r}")
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> ExportedPredictor:
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / "export.json").read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{folder} has no export.json: pass a folder made by 'finetune export'") from None
-        return cls(folder, meta, device)
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The exported network's raw output for a batch of preprocessed images (N, C, H, W)."""
-        if self.meta["format"] == "onnx":
-            out = self.session.run(None, {"input": x.detach().cpu().float().contiguous().numpy()})[0]
-            return torch.from_numpy(out)
-        return self.module(x.to(self.device)).cpu()
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Class probabilities for a batch of preprocessed images (N, C, H, W)."""
-        p = self.logits(x).softmax(-1)
-        if tta:
-            p = (p + self.logits(x.flip(-1)).softmax(-1)) / 2
-        return p
-
-
-def _eval_pipeline(pre: Preprocess) -> Pipeline:
-    """The serialised evaluation pipeline, rebuilt by finetune.augment (albumentations' from_dict; no timm)."""
-    return pre.eval_transform()
+def input_spec(pre: Preprocess) -> dict:
+    """The evaluation preprocessing as plain numbers, for code without torch or albumentations (the numpy snippet
+    in docs/results.md): reading, intensity scaling, resize (shorter side, or both sides), centre crop, normalise."""
+    spec: dict[str, Any] = {"channels": pre.channels, "intensity": pre.intensity, "percentiles": list(pre.percentiles),
+                            "stats": None if pre.stats is None else [list(s) for s in pre.stats],
+                            "resize_shorter_side": None, "resize": None, "center_crop": None}
+    for t in pre.pipeline["transform"]["transforms"]:
+        name = t["__class_fullname__"].rsplit(".", 1)[-1]
+        if name == "SmallestMaxSize":
+            spec["resize_shorter_side"] = t["max_size"]
+        elif name == "Resize":
+            spec["resize"] = [t["height"], t["width"]]
+        elif name == "CenterCrop":
+            spec["center_crop"] = [t["height"], t["width"]]
+        elif name == "Normalize" and t["max_pixel_value"] == 1 and t.get("normalization", "standard") == "standard":
+            spec["mean"], spec["std"] = list(t["mean"]), list(t["std"])
+        elif name != "ToTensorV2":
+            raise ValueError(f"the evaluation pipeline has a step {name} that export.json's 'input' cannot describe")
+        if "interpolation" in t:
+            spec["interpolation"] = _CV2[t["interpolation"]]
+            spec["area_when_shrinking"] = t.get("area_for_downscale") is not None
+    spec["layout"] = "float32 N x C x H x W, input 'input', output 'logits'"
+    return spec

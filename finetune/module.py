@@ -34,7 +34,6 @@ class Classifier(pl.LightningModule):
         if n > 5:
             metrics["top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
         self.val_metrics = MetricCollection(metrics, prefix="val_")
-        self.test_metrics = MetricCollection({k: m.clone() for k, m in metrics.items()}, prefix="test_")
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.train_loss = MeanMetric()  # the step value stays local; the epoch mean is reduced over ranks once
         self._epoch: int | None = None  # the epoch whose plan is in force
@@ -107,22 +106,11 @@ class Classifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
-
-    def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> None:
         x, y = batch
         logits = self(x)
-        self.log(f"{prefix}_loss", self.loss_fn(logits, y), on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(y))
-        metrics.update(logits, y)
-        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=len(y))
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(-1)
+        self.log("val_loss", self.loss_fn(logits, y), on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.val_metrics.update(logits, y)
+        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True, batch_size=len(y))
 
     def configure_optimizers(self) -> dict:
         steps = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)))

@@ -1,79 +1,165 @@
-"""``Predictor``: a trained run (or an export) applied to new images, batched, on the GPU when there is one."""
+"""``Predictor``: class names + preprocessing + a backend (a PyTorch module, a TorchScript file or an ONNX Runtime
+session). Image files are read and preprocessed by a DataLoader's worker processes and run in batches, on the GPU
+when there is one; evaluation and prediction both go through :meth:`Predictor.probabilities`."""
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from .images import IMAGE_EXTENSIONS
+from .data import default_workers
+from .images import IMAGE_EXTENSIONS, ImageError
 from .preprocess import Preprocess
+
+__all__ = ["FORMATS", "Predictor", "TorchBackend", "OnnxBackend", "expand_paths"]
+
+#: export format -> the model file in an export folder
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+
+
+class TorchBackend:
+    """A torch module (a trained model, or a TorchScript file) in eval mode on one device; logits come back on CPU."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device, non_blocking=True)).float().cpu()
+
+
+class OnnxBackend:
+    """An ONNX Runtime session (CUDA when onnxruntime has it and ``device`` is not 'cpu'): input 'input', logits out."""
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None):
+        import onnxruntime as ort
+        gpu = str(device) != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = ["CUDAExecutionProvider"] * gpu + ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.device = torch.device("cpu")  # onnxruntime takes and returns host arrays
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": x.detach().cpu().float().contiguous().numpy()})[0])
 
 
 class Predictor:
-    """A model with its class names and preprocessing; ``predict_paths`` gives a table of top-k labels."""
+    """Classes, preprocessing and a backend (any ``logits = backend(batch)``); ``predict_paths`` gives a table of
+    top-k labels, ``probabilities`` the (N, classes) matrix."""
 
-    def __init__(self, model: torch.nn.Module, classes: Sequence[str], preprocess: Preprocess,
-                 device: str | torch.device | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        self.classes, self.preprocess = list(classes), preprocess
-        self._transform = preprocess.eval_transform()
+    def __init__(self, classes: Sequence[str], preprocess: Preprocess,
+                 backend: Callable[[torch.Tensor], torch.Tensor]):
+        self.classes, self.preprocess, self.backend = list(classes), preprocess, backend
+        self.transform = preprocess.eval_transform()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch module of a PyTorch or TorchScript backend."""
+        return self.backend.model
 
     @classmethod
-    def load(cls, path: str | Path, checkpoint: str = "best", device: str | None = None) -> "Predictor":
+    def load(cls, path: str | Path, checkpoint: str = "best", device: str | None = None) -> Predictor:
         """From a run folder (its best or last checkpoint), a checkpoint file, or an exported model folder."""
         path = Path(path)
         if (path / "export.json").is_file():
-            from .export import ExportedPredictor
-            return ExportedPredictor.load(path, device)
+            return cls.from_export(path, device)
         from .run import Run, load_checkpoint
         ckpt_path = Run.open(path).checkpoint(checkpoint) if path.is_dir() else path
         return cls.from_checkpoint(load_checkpoint(ckpt_path), device)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict, device: str | None = None) -> "Predictor":
-        from . import augment
+    def from_checkpoint(cls, ckpt: dict, device: str | None = None) -> Predictor:
+        from .augment import model_channels
         from .backbone import create_backbone
         from .run import recipe_from_checkpoint
-        meta = ckpt["finetune"]
-        recipe = recipe_from_checkpoint(ckpt)
+        meta, recipe = ckpt["finetune"], recipe_from_checkpoint(ckpt)
         model = create_backbone(recipe.backbone.name, len(meta["classes"]), pretrained=False,
-                                in_chans=augment.model_channels(recipe))
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
-        return cls(model, meta["classes"], Preprocess.from_dict(meta["preprocess"]), device)
+                                in_chans=model_channels(recipe))
+        model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+        return cls(meta["classes"], Preprocess.from_dict(meta["preprocess"]), TorchBackend(model, device))
+
+    @classmethod
+    def from_export(cls, folder: str | Path, device: str | None = None, meta: dict | None = None) -> Predictor:
+        """From a folder made by ``finetune export`` (``meta``: its export.json, read from there if not given):
+        onnxruntime or torch.jit, no timm, Lightning or training code."""
+        meta = meta or json.loads((Path(folder) / "export.json").read_text())
+        path = Path(folder) / meta["file"]
+        if meta["format"] == "onnx":
+            backend = OnnxBackend(path, device)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load announces its deprecation
+                backend = TorchBackend(torch.jit.load(str(path), map_location="cpu"), device)
+        return cls(meta["classes"], Preprocess.from_dict(meta["preprocess"]), backend)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Class probabilities for a batch of preprocessed images (N, C, H, W)."""
-        x = x.to(self.device)
-        p = self.model(x).softmax(-1)
-        if tta:
-            p = (p + self.model(x.flip(-1)).softmax(-1)) / 2
-        return p.cpu()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's raw output for a batch of preprocessed images (N, C, H, W), on the CPU."""
+        return self.backend(x)
 
-    def predict_paths(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False,
-                      batch_size: int = 32) -> pd.DataFrame:
-        """Top-k labels and probabilities for image files and folders (searched recursively)."""
+    def predict(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Class probabilities of a batch of preprocessed images (N, C, H, W); ``tta`` adds the flipped batch."""
+        p = self.logits(x).softmax(-1)
+        return (p + self.logits(x.flip(-1)).softmax(-1)) / 2 if tta else p
+
+    def probabilities(self, files: Sequence[str | Path], tta: bool = False, batch_size: int = 64,
+                      workers: int | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+        """Class probabilities (N, classes) of image files in their order, and ``{index: reason}`` of the files that
+        could not be read (rows of NaN). A DataLoader's ``workers`` processes (default
+        :func:`finetune.data.default_workers`) read and preprocess the files; the backend runs the batches."""
+        loader = DataLoader(_Files(files, self.preprocess, self.transform), batch_size=batch_size, collate_fn=_collate,
+                            num_workers=default_workers() if workers is None else workers,
+                            pin_memory=getattr(self.backend, "device", torch.device("cpu")).type == "cuda")
+        probs, errors = torch.full((len(files), len(self.classes)), float("nan")), {}
+        for x, index, bad in loader:
+            if len(index):
+                probs[index] = self.predict(x, tta)
+            errors.update(bad)
+        return probs, errors
+
+    def predict_paths(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False, batch_size: int = 32,
+                      workers: int | None = None) -> pd.DataFrame:
+        """Top-k labels and probabilities for image files and folders (searched recursively): columns path,
+        label_1, prob_1, ..., error (why a file could not be read; its labels are then empty)."""
         files = expand_paths(paths)
         k = max(1, min(top_k, len(self.classes)))
-        top = self.probabilities(files, tta, batch_size).topk(k, dim=-1)
-        rows = []
-        for f, vals, idx in zip(files, top.values, top.indices):
-            row = {"path": str(f)}
-            for j in range(k):
-                row[f"label_{j + 1}"] = self.classes[int(idx[j])]
-                row[f"prob_{j + 1}"] = round(float(vals[j]), 6)
-            rows.append(row)
-        return pd.DataFrame(rows)
+        probs, errors = self.probabilities(files, tta, batch_size, workers)
+        ok, top = ~probs.isnan().any(-1).numpy(), probs.nan_to_num(-1.0).topk(k, dim=-1)
+        table = pd.DataFrame({"path": [str(f) for f in files]})
+        for j in range(k):
+            table[f"label_{j + 1}"] = np.where(ok, np.array(self.classes, dtype=object)[top.indices[:, j].numpy()], "")
+            table[f"prob_{j + 1}"] = np.where(ok, top.values[:, j].double().numpy().round(6), np.nan)
+        table["error"] = [errors.get(i, "") for i in range(len(files))]
+        return table
 
-    def probabilities(self, files: Sequence[str | Path], tta: bool = False, batch_size: int = 32) -> torch.Tensor:
-        """Class probabilities (N, classes) of image files, in their order, read and predicted in batches."""
-        out = [self.predict(torch.stack([self.preprocess.load(f, self._transform) for f in files[i:i + batch_size]]),
-                            tta) for i in range(0, len(files), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+class _Files(Dataset):
+    """Image files through the predictor's preprocessing: ``(tensor, index, None)``, or ``(None, index, reason)``
+    for a file that cannot be read."""
+
+    def __init__(self, files: Sequence[str | Path], preprocess: Preprocess, transform: Callable):
+        self.files = np.array([str(f) for f in files])  # numpy, not a list of str: workers share the pages
+        self.preprocess, self.transform = preprocess, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.preprocess.load(str(self.files[i]), self.transform), i, None
+        except ImageError as e:
+            return None, i, e.reason
+
+
+def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+    good = [(x, i) for x, i, _ in batch if x is not None]
+    x = torch.stack([x for x, _ in good]) if good else torch.empty(0)
+    return x, torch.tensor([i for _, i in good], dtype=torch.long), {i: r for x, i, r in batch if x is None}
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:

@@ -1,4 +1,5 @@
-"""A run as one self-contained HTML page: results at a glance (class imbalance and its effect first), the
+"""An evaluation's record (:class:`Evaluation`: its numbers, tables and pictures, as text with ``to_string``) and a
+run as one self-contained HTML page: results at a glance (class imbalance and its effect first), the
 evaluation's pictures, training curves, data, freeze plan and recipe; every picture inline (base64 PNG), no
 scripts and no links, so the file can be mailed or archived and opens in any browser.
 """
@@ -6,17 +7,80 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import plots
-from .evaluate import PICTURES, Evaluation
 from .run import Run
 
-__all__ = ["write_report", "render", "latest_evaluation", "notes"]
+__all__ = ["Evaluation", "PICTURES", "write_report", "render", "latest_evaluation", "notes"]
+
+#: file name -> what the picture shows (the report's captions use these too)
+PICTURES = {
+    "per_class.png": "Images per class (left) beside each class's precision, recall and F1 (right).",
+    "confusion.png": "Confusion matrix: counts, coloured by the share of each true class (left: recall) and of "
+                     "each predicted class (right: precision).",
+    "calibration.png": "Reliability diagram: is the model as often right as it is confident?",
+    "wrong.png": "The most confidently wrong images, with their true and predicted labels, shown after the run's "
+                 "intensity scaling (as the network sees them, before resizing).",
+    "curves.png": "Training curves: loss, accuracy and each param group's learning rate.",
+    "class_counts.png": "Images per class in each split of the run's data.",
+}
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`finetune.evaluate.evaluate`; ``load`` reads one back from its folder."""
+
+    folder: Path
+    run: Path
+    data: str
+    split: str
+    checkpoint: str
+    classes: list[str]
+    metrics: dict
+    per_class: pd.DataFrame
+    confusion: np.ndarray
+    pictures: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # skipped files, overlap with the training split
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Evaluation:
+        folder = Path(folder)
+        m = json.loads((folder / "metrics.json").read_text())
+        table = pd.read_csv(folder / "per_class.csv", keep_default_na=False)
+        return cls(folder=folder, run=Path(m["run"]), data=m["data"], split=m["split"], checkpoint=m["checkpoint"],
+                   classes=m["classes"], metrics=m["metrics"], per_class=table, confusion=np.array(m["confusion"]),
+                   pictures={n: folder / n for n in PICTURES if (folder / n).is_file()},
+                   warnings=m.get("warnings", []))
+
+    def to_string(self) -> str:
+        m, n_cls = self.metrics, len(self.classes)
+        top5 = (f"{m['top5_error']:.3f}" if m["top5_error"] is not None
+                else f"-      ({n_cls} classes: the top 5 always hold the answer)")
+        lines = [*(f"warning: {w}" for w in self.warnings),
+            f"Evaluated {self.run} ({self.checkpoint}) on {self.data}, split {self.split}: "
+            f"{m['n']} images, {n_cls} classes",
+            f"  top-1 error          {m['top1_error']:.3f}  (accuracy {m['accuracy']:.3f}; always answering "
+            f"'{m['majority_class']}' would score {m['majority_accuracy']:.3f})",
+            f"  top-5 error          {top5}",
+            f"  balanced accuracy    {m['balanced_accuracy']:.3f}  (mean of the per-class recalls)",
+            f"  macro F1             {m['macro_f1']:.3f}",
+            f"  calibration error    {m['ece']:.3f}  (ECE, {m['n_bins']} bins: 0 = as often right as confident)",
+            "",
+            self.per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+            "",
+            f"written to {self.folder}/: " + ", ".join(sorted(p.name for p in self.folder.iterdir())),
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_string()
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f6f4}
@@ -130,6 +194,7 @@ def notes(run: Run, ev: Evaluation | None) -> list[str]:
             out.append(f"Training classes are balanced ({train.min()} to {train.max()} images a class).")
     if ev is None:
         return out
+    out += [f"<b class=warn>{_e(w[0].upper() + w[1:])}.</b>" for w in ev.warnings]
     m, t = ev.metrics, ev.per_class
     gap = m["accuracy"] - m["balanced_accuracy"]
     out.append(f"Accuracy {m['accuracy']:.3f}; always answering <b>{_e(m['majority_class'])}</b> would score "
@@ -149,9 +214,10 @@ def notes(run: Run, ev: Evaluation | None) -> list[str]:
             why = f"most of the wrong {_e(name)} calls ({false[j]} of {false.sum()}) are {_e(ev.classes[j])} images"
         else:
             why = ""
+        called = (f"{worst['precision']:.0%} of the {worst['predicted']} images called {_e(name)} are {_e(name)}"
+                  if worst["predicted"] else f"no image is called {_e(name)}")
         out.append(f"Weakest class (lowest F1): <b>{_e(name)}</b>. {worst['recall']:.0%} of its {worst['support']} "
-                   f"images are found (recall) and {worst['precision']:.0%} of the {worst['predicted']} images "
-                   f"called {_e(name)} are {_e(name)} (precision)" + (f"; {why}." if why else "."))
+                   f"images are found (recall) and {called} (precision)" + (f"; {why}." if why else "."))
     out.append(_calibration_note(run, m))
     return out
 

@@ -1,5 +1,6 @@
 """evaluate: metrics against hand computations, the run's own numbers, folders that are never overwritten."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -9,9 +10,11 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torchmetrics.classification import MulticlassCalibrationError
 
+from finetune import evaluate as evaluate_module
 from finetune import plots
 from finetune.cli import main
 from finetune.evaluate import PICTURES, Evaluation, evaluate, score
+from finetune.report import notes
 
 
 
@@ -34,6 +37,7 @@ def test_own_val_split_reproduces_the_training_scores(run, ev):
     assert ev.metrics["top5_error"] is None  # 3 classes: top-5 says nothing
     assert ev.per_class["n_train"].tolist() == [48, 48, 48] and ev.per_class["support"].tolist() == [16, 16, 16]
     assert ev.confusion.sum() == 48 and ev.per_class["predicted"].sum() == 48
+    assert ev.metrics["train_overlap"] == 0 and ev.metrics["bad_files"] == 0 and ev.warnings == []
 
 
 def test_folder_holds_tables_and_pictures_that_decode(ev):
@@ -62,8 +66,15 @@ def test_a_second_evaluation_never_overwrites_the_first(run, ev):
 
 
 def test_external_folder_split_choice_and_unknown_labels(run, textures, tmp_path):
-    ev = evaluate(run, textures, split="train", report=False)
+    ev = evaluate(run, textures, split="train", report=False, workers=1)
     assert ev.folder.name == "eval-tex-train" and ev.metrics["n"] == 144
+    # the run's own training images: said on the console, in metrics.json and in the report's notes
+    warning = ("144 of the 144 evaluated images are in the run's own training split: these scores overstate how it "
+               "does on images it has not seen")
+    assert ev.metrics["train_overlap"] == 144 and ev.warnings == [warning]
+    assert ev.to_string().splitlines()[0] == f"warning: {warning}"
+    assert Evaluation.load(ev.folder).warnings == [warning]
+    assert any("144 of the 144 evaluated images" in n for n in notes(run, ev))
     with pytest.raises(ValueError, match="split 'test' has no images"):
         evaluate(run, textures, split="test")
     odd = tmp_path / "odd"
@@ -105,3 +116,41 @@ def test_cli_evaluate_prints_the_short_table(run, capsys):
     out = capsys.readouterr().out
     assert "top-1 error" in out and "balanced accuracy" in out and "gravel" in out and "report.html" in out
     assert main(["evaluate", str(run.path), "--split", "nope"]) == 2
+
+
+def test_unreadable_files_are_skipped_listed_and_announced(run, textures, tmp_path, capsys):
+    data = tmp_path / "new"
+    for c in ("brick", "grass", "gravel"):
+        shutil.copytree(textures / "val" / c, data / c)
+    (data / "grass" / "empty.png").write_bytes(b"")
+    (data / "gravel" / "cut.png").write_bytes((data / "gravel" / "gravel_000.png").read_bytes()[:150])
+    assert main(["evaluate", str(run.path), str(data), "--workers", "1"]) == 0
+    folder = run.path / "eval-new-all"
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 2 unreadable files skipped (")
+    assert warnings[0].endswith(f"): listed in {folder / 'bad_files.csv'}")  # copies: no training images
+    bad = pd.read_csv(folder / "bad_files.csv")
+    assert sorted(bad["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["cut.png", "empty.png"]
+    record = json.loads((folder / "metrics.json").read_text())
+    assert record["metrics"]["n"] == 48 and record["metrics"]["bad_files"] == 2
+    assert record["warnings"] == [warnings[0][len("warning: "):]]
+
+
+def test_a_file_broken_after_the_scan_is_skipped_by_the_loader(run, textures, tmp_path, monkeypatch):
+    data = tmp_path / "late"
+    for c in ("brick", "grass", "gravel"):
+        shutil.copytree(textures / "val" / c, data / c)
+    victim = sorted((data / "brick").iterdir())[0]
+    real_scan = evaluate_module.scan
+
+    def scan_then_break(*args, **kwargs):  # the file changes between the scan and the loader
+        found = real_scan(*args, **kwargs)
+        victim.write_bytes(b"")
+        return found
+
+    monkeypatch.setattr(evaluate_module, "scan", scan_then_break)
+    ev = evaluate(run, data, report=False, workers=0)
+    assert ev.metrics["n"] == 47 and ev.metrics["bad_files"] == 1 and ev.confusion.sum() == 47
+    bad = pd.read_csv(ev.folder / "bad_files.csv")
+    assert bad["path"].tolist() == [str(victim)] and bad["reason"][0].startswith("empty file")
+    assert str(victim) not in pd.read_csv(ev.folder / "predictions.csv")["path"].tolist()

@@ -174,3 +174,18 @@ def test_freeze_grid_reads_both_table_shapes():
     fig = plots.freeze_grid(small)
     assert len([ax for ax in fig.axes if ax.get_title()]) == 2
     assert [ln.get_ydata()[0] for ln in fig.axes[1].get_lines()] == [0.6, 0.55]  # auto without a depth: a level
+
+
+def test_notes_of_a_class_never_predicted_and_of_evaluation_warnings(run, ev):
+    cm = np.array([[16, 0, 0], [0, 16, 0], [9, 7, 0]])  # gravel is never predicted
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    table = pd.DataFrame({"class": ev.classes, "support": support, "predicted": predicted,
+                          "precision": [16 / 25, 16 / 23, 0.0], "recall": tp / support, "f1": [0.78, 0.82, 0.0]})
+    fake = Evaluation(folder=ev.folder, run=run.path, data="tex", split="val", checkpoint="x", classes=ev.classes,
+                      metrics=dict(ev.metrics, ece=0.02), per_class=table, confusion=cm,
+                      warnings=["48 of the 48 evaluated images are in the run's own training split: these scores "
+                                "overstate how it does on images it has not seen"])
+    text = html.unescape(" ".join(re.sub(r"<[^>]+>", "", n) for n in notes(run, fake)))
+    assert "0% of its 16 images are found (recall) and no image is called gravel (precision)" in text
+    assert "of the 0 images" not in text
+    assert "48 of the 48 evaluated images are in the run's own training split" in text

@@ -1,0 +1,61 @@
+"""The package's import graph, read from the source with ast (imports inside functions included), has no cycle."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "finetune"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the finetune modules it imports (``from . import x`` counts x when x is a module)."""
+    files = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else "")
+                base = ".".join(x for x in (base, node.module) if x)
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            # a module's own packages are imported before it anyway (and the root only maps lazy names): no edge
+            deps |= {t for t in targets if t in files and not name.startswith(t + ".")}
+        graph[name] = deps - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                found.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_checker_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    graph = import_graph()
+    assert "finetune.predict" in graph["finetune.evaluate"] and "finetune.predict" in graph["finetune.export"]
+    assert "finetune.freeze.rule" in graph["finetune.freeze.plan"]  # from . import rule
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
