@@ -175,19 +175,23 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """``(tensor, label_index)`` per row of ``items``: read_image, then ``intensity`` (default
-    ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default: HxWxC -> CxHxW tensor)."""
+    """``(tensor, label_index)`` per row of ``items`` (``multi``: a 0/1 float vector of the labels): read_image,
+    then ``intensity`` (default ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default:
+    HxWxC -> CxHxW tensor)."""
 
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], channels: int = 3,
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None,
-                 intensity: Callable[[np.ndarray], np.ndarray] | None = None, *, max_pixels: int = MAX_PIXELS):
-        unknown = sorted(set(items["label"]) - set(class_to_idx))
+                 intensity: Callable[[np.ndarray], np.ndarray] | None = None, *, max_pixels: int = MAX_PIXELS,
+                 multi: bool = False):
+        sets = multilabel.label_sets(items["label"]) if multi else [[c] for c in items["label"]]
+        unknown = sorted({c for s in sets for c in s} - set(class_to_idx))
         if unknown:
             raise DataError(f"labels {unknown[:5]} are not in the class map {list(class_to_idx)[:10]}: "
                             f"build class_to_idx from the same scan as the items")
         # numpy arrays, not lists of str: DataLoader workers then share the pages instead of copying them
         self.paths = items["path"].to_numpy(dtype=str)
-        self.targets = np.array([class_to_idx[c] for c in items["label"]], dtype=np.int64)
+        self.targets = (multilabel.matrix(items["label"], sorted(class_to_idx, key=class_to_idx.get)) if multi else
+                        np.array([class_to_idx[c] for c in items["label"]], dtype=np.int64))
         self.channels, self.transform, self.intensity, self.max_pixels = channels, transform, intensity, max_pixels
 
     def __len__(self) -> int:
@@ -200,9 +204,10 @@ class ImageDataset(torch.utils.data.Dataset):
         except ImageError as e:
             raise ImageError(path, f"{e.reason} (it passed the scan: changed since? re-run the scan)") from None
         img = self.intensity(img) if self.intensity is not None else to_unit_float(img)
+        target = torch.from_numpy(self.targets[index]) if self.targets.ndim == 2 else int(self.targets[index])
         if self.transform is not None:
-            return self.transform(img), int(self.targets[index])
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(self.targets[index])
+            return self.transform(img), target
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), target
 
 
 def default_workers() -> int:

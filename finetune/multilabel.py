@@ -121,15 +121,16 @@ def pos_weight(y: np.ndarray, cap: float = 20.0) -> torch.Tensor:
 def best_thresholds(probs: torch.Tensor, target: torch.Tensor) -> list[float]:
     """Per label, the probability threshold that maximises its F1 on these images (0.5 for a label without
     positives here, where F1 is undefined)."""
-    curve = MultilabelPrecisionRecallCurve(num_labels=probs.shape[1])
-    precision, recall, thresholds = curve(probs, target.int())
+    return thresholds_from_curve(MultilabelPrecisionRecallCurve(num_labels=probs.shape[1])(probs, target.int()))
+
+
+def thresholds_from_curve(curve: tuple) -> list[float]:
+    """The F1-maximising threshold of each label from torchmetrics' multilabel precision-recall curve; 0.5 where no
+    threshold finds a positive (no positives among the images)."""
     out = []
-    for j, (p, r, t) in enumerate(zip(precision, recall, thresholds)):
-        if target[:, j].sum() == 0 or len(t) == 0:
-            out.append(0.5)
-            continue
-        f1 = (2 * p * r / (p + r).clamp(min=1e-12))[:-1]  # the last point has no threshold
-        out.append(float(t[int(f1.argmax())]))
+    for p, r, t in zip(*curve):
+        f1 = (2 * p * r / (p + r).clamp(min=1e-12)).nan_to_num(0.0)[:-1]  # the last point has no threshold
+        out.append(float(t[int(f1.argmax())]) if len(t) and f1.max() > 0 else 0.5)
     return out
 
 

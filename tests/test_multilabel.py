@@ -99,3 +99,28 @@ def test_thresholds_maximise_each_labels_f1():
 def test_policy_counts_images_a_label():
     items = pd.DataFrame({"label": ["a;b", "a", "", "b"], "split": ["train", "train", "train", "val"]})
     assert ml.images_a_label(items, ["a", "b"]) == 1.5  # a: 2 training images, b: 1
+
+
+@pytest.fixture(scope="module")
+def ml_run(tmp_path_factory, textures):
+    """A multi-label run on scikit-image's textures: brick = rough;red, grass = green;soft, gravel = rough;grey."""
+    from finetune import fit
+    sets = {"brick": "red;rough", "grass": "green;soft", "gravel": "grey;rough"}
+    rows = [(str(p.relative_to(textures)), sets[p.parent.name]) for p in sorted(textures.rglob("*.png"))]
+    csv = tmp_path_factory.mktemp("ml") / "labels.csv"
+    pd.DataFrame(rows, columns=["path", "labels"]).to_csv(csv, index=False)
+    run = fit(textures, "natural", csv=csv, out=tmp_path_factory.mktemp("runs"), name="ml", progress=False,
+              overrides=["train.epochs=2", "image.size=32", "train.num_workers=0"])
+    return run, csv
+
+
+def test_fit_multilabel_trains_sigmoid_outputs_and_keeps_thresholds(ml_run):
+    from finetune.run import load_checkpoint
+    run, _ = ml_run
+    assert run.recipe.train.labels == "multi" and run.classes == ["green", "grey", "red", "rough", "soft"]
+    assert run.summary["best_metric"] == "val_map"
+    assert "multi-label: images a class counted" in (run.path / "plan.txt").read_text()
+    ckpt = load_checkpoint(run.checkpoint("best"))
+    th = ckpt["finetune"]["thresholds"]
+    assert len(th) == 5 and all(0 < t < 1 for t in th)
+    assert ckpt["state_dict"]["model.classifier.weight"].shape[0] == 5

@@ -207,11 +207,19 @@ def full(model: torch.nn.Module, **kw) -> Plan:
 
 
 def plan_for(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: int, *,
-             data: str | Path | None = None, csv: str | Path | None = None) -> Plan:
+             data: str | Path | None = None, csv: str | Path | None = None, per_class: float | None = None) -> Plan:
     """The plan for this data and recipe: automatic (declared distance, or measured on ``data``/``csv`` when the
     recipe says ``freeze.domain: measure``), or by hand (full, probe, fixed) with the rule's BN modes for this data
-    unless ``freeze.bn`` names one."""
+    unless ``freeze.bn`` names one. ``per_class`` (multi-label data) replaces n_train / n_classes as the images a
+    class: the mean number of training images that carry a label."""
     f, t = recipe.freeze, recipe.train
+    if per_class is not None:
+        plan = plan_for(model, recipe, n_train, max(1, round(n_train / max(per_class, 1e-9))), data=data, csv=csv)
+        plan.reasons.insert(0, f"multi-label: images a class counted as the mean number of training images that carry "
+                               f"a label ({per_class:.0f} over {n_classes} labels; an image with several labels counts "
+                               f"for each of them).")
+        plan.inputs["n_labels"] = n_classes
+        return plan
     if f.domain == "measure":
         if data is None and csv is None:
             raise ValueError("freeze.domain: measure needs the images: pass data= or csv=")
