@@ -4,7 +4,9 @@
 
     nice -n 5 python benchmarks/evaluate_speed.py RUN [--data ../shared/datasets/bccd_cells] [--split test]
 
-RUN is a trained run folder (any accuracy will do). What is timed is the part of ``finetune evaluate`` that
+RUN is a trained run folder (any accuracy will do). Reading alone (files to tensors in the main process) and the
+network alone (on batches already in memory) are timed too: their shares of the loop bound what worker processes
+can hide when there are free cores. What is timed is the part of ``finetune evaluate`` that
 changed: reading, intensity scaling, resizing and the network, from file names to the (N, classes) matrix; the
 metrics, pictures and report after it are the same code before and after.
 """
@@ -60,8 +62,17 @@ def main() -> None:
           f"default_workers() = {default_workers()}")
 
     reference = per_image_loop(pred, files, a.batch_size)  # warm-up, and the numbers the new path must give
+    batches = [torch.stack([pred.preprocess.load(f, pred.transform) for f in files[i:i + a.batch_size]])
+               for i in range(0, len(files), a.batch_size)]
     times: dict[str, list[float]] = {"loop": []} | {f"loader, {w} workers": [] for w in a.workers}
+    parts: dict[str, list[float]] = {"reading alone": [], "network alone": []}
     for r in range(a.rounds):
+        start = time.perf_counter()
+        [pred.preprocess.load(f, pred.transform) for f in files]
+        parts["reading alone"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        [pred.predict(x) for x in batches]
+        parts["network alone"].append(time.perf_counter() - start)
         for key in times:
             start = time.perf_counter()
             if key == "loop":
@@ -82,6 +93,10 @@ def main() -> None:
         ratios = [b / x for b, x in zip(base, t)]
         print(f"| {key} | {len(files) / statistics.median(t):.1f} | **{statistics.median(ratios):.2f}** "
               f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+    for key, t in parts.items():
+        share = [x / b for x, b in zip(t, base)]
+        print(f"| {key} (share of the loop's time) | {len(files) / statistics.median(t):.1f} | "
+              f"{statistics.median(share):.2f} |")
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}; every path gave the loop's probabilities within 1e-5")
 
 

@@ -36,15 +36,11 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
     predictor = Predictor.load(ckpt, device="cpu")
     model = predictor.model  # in eval mode, without the hold of training
     example = _example(run, predictor)
-    if out is None:
-        folder = next_free(run.path, f"export-{fmt}")
-    else:
-        folder = Path(out)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            raise FileExistsError(f"{folder} exists and is never overwritten; choose another --out") from None
+    folder = next_free(run.path, f"export-{fmt}") if out is None else Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=out is None)
+    except FileExistsError:
+        raise FileExistsError(f"{folder} exists and is never overwritten; choose another --out") from None
     try:
         path = folder / FORMATS[fmt]
         with warnings.catch_warnings():

@@ -56,11 +56,7 @@ class Predictor:
                  backend: Callable[[torch.Tensor], torch.Tensor]):
         self.classes, self.preprocess, self.backend = list(classes), preprocess, backend
         self.transform = preprocess.eval_transform()
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The torch module of a PyTorch or TorchScript backend."""
-        return self.backend.model
+        self.model = getattr(backend, "model", None)  # the torch module of a PyTorch or TorchScript backend
 
     @classmethod
     def load(cls, path: str | Path, checkpoint: str = "best", device: str | None = None) -> Predictor:
