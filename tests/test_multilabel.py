@@ -119,7 +119,7 @@ def test_fit_multilabel_trains_sigmoid_outputs_and_keeps_thresholds(ml_run):
     run, _ = ml_run
     assert run.recipe.train.labels == "multi" and run.classes == ["green", "grey", "red", "rough", "soft"]
     assert run.summary["best_metric"] == "val_map"
-    assert "multi-label: images a class counted" in (run.path / "plan.txt").read_text()
+    assert "images a class (multi-label: the mean number" in (run.path / "plan.txt").read_text()
     ckpt = load_checkpoint(run.checkpoint("best"))
     th = ckpt["finetune"]["thresholds"]
     assert len(th) == 5 and all(0 < t < 1 for t in th)
