@@ -75,16 +75,19 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
     ax_loss.set(title="loss", xlabel="epochs done")
     for col, label, color in [("train_acc", "train accuracy", SPLIT_COLORS["train"]),
                               ("val_acc", "val accuracy", SPLIT_COLORS["val"]),
-                              ("val_recall", "val balanced accuracy (mean recall)", "#c44e52")]:
+                              ("val_recall", "val balanced accuracy (mean recall)", "#c44e52"),
+                              ("train_f1", "train macro F1 (at 0.5)", SPLIT_COLORS["train"]),
+                              ("val_map", "val mean average precision", SPLIT_COLORS["val"]),
+                              ("val_f1", "val macro F1 (at 0.5)", "#c44e52")]:
         if col in log and log[col].notna().any():
             s = per_epoch(col)
             ax_acc.plot(s.index, s.values, marker="o", label=label, color=color,
-                        linestyle="--" if col == "val_recall" else "-")
+                        linestyle="--" if col in ("val_recall", "val_f1") else "-")
     if "val_acc" in log and log["val_acc"].notna().any():
         s = per_epoch("val_acc")
         k = int(s.idxmax())
         ax_acc.axvline(k, color="0.6", linestyle=":", label=f"best val accuracy ({k} epoch{'s' * (k > 1)} done)")
-    ax_acc.set(title="accuracy", xlabel="epochs done", ylim=(0, 1.02))
+    ax_acc.set(title="accuracy" if "val_acc" in log else "scores", xlabel="epochs done", ylim=(0, 1.02))
     n_epochs = int(log["epoch"].max()) + 1
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.set_xlim(-0.05, n_epochs + 0.05)

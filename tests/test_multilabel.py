@@ -124,3 +124,35 @@ def test_fit_multilabel_trains_sigmoid_outputs_and_keeps_thresholds(ml_run):
     th = ckpt["finetune"]["thresholds"]
     assert len(th) == 5 and all(0 < t < 1 for t in th)
     assert ckpt["state_dict"]["model.classifier.weight"].shape[0] == 5
+
+
+def test_multilabel_round_trip_evaluate_predict_export(ml_run, tmp_path):
+    from finetune.evaluate import evaluate
+    from finetune.export import export
+    from finetune.predict import Predictor
+    run, _ = ml_run
+    ev = evaluate(run)
+    assert ev.multilabel and set(ev.per_class["label"]) == set(run.classes)
+    assert 0 <= ev.metrics["map"] <= 1 and "mean average precision" in ev.to_string()
+    for pic in ("per_label.png", "pr_curves.png", "threshold_f1.png", "cooccurrence.png", "wrong.png"):
+        assert (ev.folder / pic).stat().st_size > 1000
+    html = (ev.folder / "report.html").read_text()
+    assert "mean average precision" in html and "co-occurrence" in html.lower()
+
+    pred = Predictor.load(run.path)
+    val = run.items[run.items["split"] == "val"]["path"].tolist()[:6]
+    table = pred.predict_paths(val)
+    assert list(table.columns) == ["path", "labels", *[f"prob_{c}" for c in run.classes], "error"]
+    probs = table[[f"prob_{c}" for c in run.classes]].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all() and not np.allclose(probs.sum(1), 1)  # sigmoid, not softmax
+    for row, p in zip(table["labels"], probs):
+        assert (row.split(";") if row else []) == [c for c, v, t in zip(run.classes, p, pred.thresholds) if v >= t]
+
+    folder = export(run, "onnx", out=tmp_path / "onnx")
+    meta = __import__("json").loads((folder / "export.json").read_text())
+    assert meta["thresholds"] == pred.thresholds
+    exported = Predictor.load(folder)
+    assert exported.thresholds == pred.thresholds
+    again = exported.predict_paths(val)
+    assert np.abs(again[[f"prob_{c}" for c in run.classes]].to_numpy() - probs).max() < 1e-4
+    assert again["labels"].tolist() == table["labels"].tolist()
