@@ -213,7 +213,7 @@ def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, pr
         {"run": str(run.path), "data": name, "data_path": str(data_path), "split": split, "checkpoint": ckpt,
          "classes": classes, "multilabel": True, "thresholds": predictor.thresholds, "metrics": metrics,
          "warnings": notes, "confusion": [], "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-    worst = predictions.sort_values("error", ascending=False, kind="stable").head(n_wrong)
+    worst = predictions.sort_values(["exact", "error"], ascending=[True, False], kind="stable").head(n_wrong)
     pre = predictor.preprocess
     images = [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in worst["path"]]
     titles = [f"true: {t or '-'}\npredicted: {p or '-'}\n{_short(Path(f).name)}"
@@ -225,8 +225,9 @@ def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, pr
         "threshold_f1.png": plots.threshold_f1(multilabel.f1_sweep(probs, target, classes),
                                                dict(zip(classes, predictor.thresholds))),
         "cooccurrence.png": plots.cooccurrence(y_all, classes),
-        "wrong.png": plots.image_grid(images, titles, title=f"Largest errors: the {len(images)} images whose "
-                                      f"probabilities are farthest from their true label set ({name}, {split})"),
+        "wrong.png": plots.image_grid(images, titles, title=f"Largest errors: wrong label sets first "
+                                      f"({int((~predictions['exact']).sum())} of {len(items)}), then the "
+                                      f"probabilities farthest from the true set ({name}, {split})"),
         "curves.png": plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups]),
     }
     for fname, fig in figures.items():
