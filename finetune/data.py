@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import scancache
+from . import multilabel, scancache
 from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check_channels, examine, read_image,
                      to_unit_float)
 
@@ -56,18 +56,22 @@ class Scan:
     class_to_idx: dict[str, int]
     warnings: list[str]
     image_info: pd.DataFrame
+    multilabel: bool = False  # label cells hold ';'-separated label sets
 
     def report(self) -> str:
         """Counts per class and split, image sizes and dtypes, every bad file with its reason, and the warnings."""
         lines = [f"Data: {self.source}",
                  f"{len(self.items)} images in {len(self.classes)} classes; {len(self.bad)} bad files skipped", ""]
-        splits = self.items["split"].replace("", "unsplit")
-        table = pd.crosstab(self.items["label"], splits).reindex(index=self.classes, fill_value=0)
-        table = table[[s for s in (*SPLITS, "unsplit") if s in table.columns]]
-        table["total"] = table.sum(axis=1)
-        table.loc["total"] = table.sum(axis=0)
-        table.index.name, table.columns.name = "class", None
-        lines += [table.to_string(), ""]
+        if self.multilabel:
+            lines.append(multilabel.counts_report(self.items, self.classes))
+        else:
+            splits = self.items["split"].replace("", "unsplit")
+            table = pd.crosstab(self.items["label"], splits).reindex(index=self.classes, fill_value=0)
+            table = table[[s for s in (*SPLITS, "unsplit") if s in table.columns]]
+            table["total"] = table.sum(axis=1)
+            table.loc["total"] = table.sum(axis=0)
+            table.index.name, table.columns.name = "class", None
+            lines += [table.to_string(), ""]
         info = self.image_info
         if len(info):
             dtypes = ", ".join(f"{k} ({v})" for k, v in info["dtype"].value_counts().items())
@@ -123,10 +127,10 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     root, csv = _locate(root, csv)
     warnings: list[str] = []
     if csv is None:
-        rows, source = _folder_rows(root, warnings)
+        (rows, source), multi = _folder_rows(root, warnings), False
     else:
-        rows, source = _csv_rows(csv, root), f"CSV {csv} (data root {root})"
-    rows, bad = _precheck(rows, root, allow_outside, labels)
+        (rows, multi), source = _csv_rows(csv, root, warnings), f"CSV {csv} (data root {root})"
+    rows, bad = _precheck(rows, root, allow_outside, labels, multi)
     if strict and bad:
         raise _strict_error(*bad[0])
     decode = len(rows) < HEADER_ONLY_FROM if decode is None else decode
@@ -149,13 +153,15 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
                         f"train/ and val/ folders of such, or csv= with path,label[,split]"
                         + (f"; {len(bad)} bad files: {_bad_summary(bad, root)}" if bad else ""))
 
-    good = _class_warnings(good, rows, min_per_class, labels, warnings)
-    classes = sorted(set(labels)) if labels is not None else sorted(good["label"].unique())
+    if not multi:
+        good = _class_warnings(good, rows, min_per_class, labels, warnings)
+    classes = sorted(set(labels)) if labels is not None else (
+        multilabel.classes_of(good["label"]) if multi else sorted(good["label"].unique()))
     items = good.drop(columns=["_line", "_abs"]).sort_values("path", kind="stable").reset_index(drop=True)
     bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable")
     info = info[info["path"].isin(items["path"])].reset_index(drop=True)
     return Scan(root, source, items, bad_df.reset_index(drop=True), classes,
-                {c: i for i, c in enumerate(classes)}, warnings, info)
+                {c: i for i, c in enumerate(classes)}, warnings, info, multi)
 
 
 def is_packed(data: str | os.PathLike | None) -> bool:
@@ -165,12 +171,13 @@ def is_packed(data: str | os.PathLike | None) -> bool:
 
 
 def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
-          groups: str | Callable[[str], str] | None = None) -> pd.DataFrame:
+          groups: str | Callable[[str], str] | None = None, multilabel: bool = False) -> pd.DataFrame:
     """A copy of ``items`` with ``split`` filled in: rows marked val/test keep their split; if no row is 'val',
     a seeded, per-class share of ``val_fraction`` of the train rows moves to val (each class with >= 2 images gets
     at least one, a single-image class stays in train). ``groups`` (a column, a callable on the path, or a regex
     searched in the file name whose first group, or whole match, names the group) keeps each group on one side.
-    The result depends only on the rows' content and the seed, not their order.
+    The result depends only on the rows' content and the seed, not their order. ``multilabel`` label sets are
+    split by iterative stratification (every label's share on both sides); groups then win over labels.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -179,7 +186,9 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     if (out["split"] == "val").any() or val_fraction == 0:
         return out
     pool = out[out["split"] == "train"].sort_values("path", kind="stable")
-    if groups is None:
+    if multilabel and groups is None:
+        val = _multilabel_val(pool, val_fraction, seed)
+    elif groups is None:
         val = _stratified(pool, val_fraction, seed)
     else:
         val = _grouped(pool, _group_keys(pool, groups), val_fraction, seed)
@@ -188,7 +197,8 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
 
 
 class ImageDataset:
-    """A map-style dataset (what torch's DataLoader takes): ``(tensor, label_index)`` per row of ``items``: read_image, then ``intensity`` (default
+    """A map-style dataset (what torch's DataLoader takes): ``(tensor, label_index)`` per row of ``items``
+    (``multi``: a 0/1 float vector of the labels): read_image, then ``intensity`` (default
     ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default: HxWxC -> CxHxW tensor).
     With ``skipped`` (a CSV path), a file that fails to read is appended there and returned as its ImageError,
     which :func:`drop_failed` leaves out of the batch; without, the error is raised."""
@@ -196,14 +206,16 @@ class ImageDataset:
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], channels: int = 3,
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None,
                  intensity: Callable[[np.ndarray], np.ndarray] | None = None, *, max_pixels: int = MAX_PIXELS,
-                 skipped: str | os.PathLike | None = None):
-        unknown = sorted(set(items["label"]) - set(class_to_idx))
+                 skipped: str | os.PathLike | None = None, multi: bool = False):
+        sets = multilabel.label_sets(items["label"]) if multi else [[c] for c in items["label"]]
+        unknown = sorted({c for s in sets for c in s} - set(class_to_idx))
         if unknown:
             raise DataError(f"labels {unknown[:5]} are not in the class map {list(class_to_idx)[:10]}: "
                             f"build class_to_idx from the same scan as the items")
         # numpy arrays, not lists of str: DataLoader workers then share the pages instead of copying them
         self.paths = items["path"].to_numpy(dtype=str)
-        self.targets = np.array([class_to_idx[c] for c in items["label"]], dtype=np.int64)
+        self.targets = (multilabel.matrix(items["label"], sorted(class_to_idx, key=class_to_idx.get)) if multi else
+                        np.array([class_to_idx[c] for c in items["label"]], dtype=np.int64))
         self.channels, self.transform, self.intensity, self.max_pixels = channels, transform, intensity, max_pixels
         self.skipped = skipped
 
@@ -211,9 +223,16 @@ class ImageDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | ImageError:
-        return self.sample(str(self.paths[index]), int(self.targets[index]))
+        return self.sample(str(self.paths[index]), self.target(index))
 
-    def sample(self, path: str, target: int, data: bytes | None = None) -> tuple[torch.Tensor, int] | ImageError:
+    def target(self, index: int) -> int | torch.Tensor:
+        """The class index, or a multi-label image's 0/1 vector."""
+        if self.targets.ndim == 1:
+            return int(self.targets[index])
+        import torch
+        return torch.from_numpy(self.targets[index])
+
+    def sample(self, path: str, target: int | torch.Tensor, data: bytes | None = None) -> tuple[torch.Tensor, int] | ImageError:
         """One image (from ``data``, its bytes, if given) read, scaled and transformed, or its recorded error."""
         try:
             img = read_image(path, self.channels, max_pixels=self.max_pixels, data=data)
@@ -349,15 +368,29 @@ def _stray(folder: Path, root: Path, warnings: list[str]) -> None:
                         f"(e.g. {os.path.basename(stray[0])})")
 
 
-def _csv_rows(csv: Path, root: Path) -> pd.DataFrame:
+def _csv_rows(csv: Path, root: Path, warnings: list[str]) -> tuple[pd.DataFrame, bool]:
+    """The CSV's rows (path, label, split, _line, extra columns) and whether it is multi-label (then each label
+    cell is a ';'-joined label set)."""
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:
         raise DataError(f"cannot read {csv} as CSV: {e}") from None
     df.columns = [str(c).strip() for c in df.columns]
     lower = {c.lower(): c for c in df.columns}
+    form = multilabel.csv_form(df) if "path" in lower else None
+    if form is not None:
+        try:
+            cells, found = multilabel.label_cells(df, form, np.arange(len(df)) + 2, str(csv))
+        except multilabel.LabelError as e:
+            raise DataError(str(e)) from None
+        keep = [c for c in df.columns if c.lower() in ("path", "split")] if form == "columns" else \
+            [c for c in df.columns if c.lower() not in ("label", "labels")]
+        df = df[keep].assign(label=cells)
+        lower = {c.lower(): c for c in df.columns}
+        warnings += found
     if "path" not in lower or "label" not in lower:
-        raise DataError(f"{csv} needs columns path,label[,split]; it has {list(df.columns)}")
+        raise DataError(f"{csv} needs columns path,label[,split] (multi-label: path,labels with ';' between labels, "
+                        f"or one 0/1 column a label); it has {list(df.columns)}")
     df = df.rename(columns={lower[k]: k for k in ("path", "label", "split") if k in lower})
     df["split"] = df["split"] if "split" in df else ""
     for col in ("path", "label", "split"):
@@ -368,10 +401,11 @@ def _csv_rows(csv: Path, root: Path) -> pd.DataFrame:
     df["path"] = [os.path.normpath(os.path.join(root, p)) if p else "" for p in df["path"]]
     df["_line"] = np.arange(len(df)) + 2  # the header is line 1
     extra = [c for c in df.columns if c not in ("path", "label", "split", "_line", "_abs")]
-    return df[["path", "label", "split", "_line", "_abs", *extra]]
+    return df[["path", "label", "split", "_line", "_abs", *extra]], form is not None
 
 
-def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tuple[pd.DataFrame, list]:
+def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels,
+              multi: bool = False) -> tuple[pd.DataFrame, list]:
     """Row-level problems found without opening files: bad CSV cells, outside root, duplicates, unknown labels."""
     bad, drop = [], np.zeros(len(rows), dtype=bool)
     lines = rows["_line"].to_numpy()
@@ -385,7 +419,7 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
     for i, (path, label, name) in enumerate(zip(paths, labels_, rows["split"].tolist())):
         if not path:
             mark(i, f"bad row: empty path{where[i]}")
-        elif not label:
+        elif not label and not multi:  # an empty multi-label cell is an image with none of the labels
             mark(i, f"bad row: empty label{where[i]}")
         elif name.lower() not in _SPLIT_NAMES:
             mark(i, f"bad row: split '{name}' is not train, val or test{where[i]}")
@@ -411,8 +445,10 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels) -> tu
     if labels is not None:
         known = set(labels)
         for i, label in enumerate(labels_):
-            if not drop[i] and label not in known:
-                mark(i, f"unknown label: '{label}' is not in the label list{where[i]}")
+            unknown = [lab for lab in label.split(multilabel.SEP) if lab and lab not in known] if multi else \
+                ([label] if label not in known else [])
+            if not drop[i] and unknown:
+                mark(i, f"unknown label: '{unknown[0]}' is not in the label list{where[i]}")
     rows = rows[~drop].copy()
     rows["split"] = [_SPLIT_NAMES[s.lower()] for s in rows["split"]]
     return rows, bad
@@ -539,6 +575,14 @@ def _stratified(pool: pd.DataFrame, fraction: float, seed: int) -> list:
         rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
         val += list(rng.permutation(rows.index.to_numpy())[: int(_n_val(len(rows), fraction))])
     return val
+
+
+def _multilabel_val(pool: pd.DataFrame, fraction: float, seed: int) -> list:
+    try:
+        return multilabel.stratified_val(pool, fraction, seed)
+    except ImportError:
+        raise DataError("splitting multi-label data needs the iterative-stratification package: "
+                        "pip install iterative-stratification (or give a split column)") from None
 
 
 def _group_keys(pool: pd.DataFrame, groups) -> pd.Series:

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
+from . import multilabel
 from .data import ImageDataset, default_workers, drop_failed
 
 
@@ -62,8 +63,10 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], *, read_channels: int,
                  train_transform: Callable, eval_transform: Callable, intensity: Callable | None,
                  batch_size: int = 32, num_workers: int | str = "auto", seed: int = 0,
-                 balance: str = "none", max_pixels: int = 89_478_485, skipped: str | os.PathLike | None = None):
+                 balance: str = "none", max_pixels: int = 89_478_485, skipped: str | os.PathLike | None = None,
+                 multi: bool = False):
         super().__init__()
+        self.multi = multi  # several labels an image: 0/1 target vectors
         self.items, self.class_to_idx = items.reset_index(drop=True), class_to_idx
         self.read_channels, self.intensity = read_channels, intensity
         self.train_transform, self.eval_transform = train_transform, eval_transform
@@ -80,7 +83,8 @@ class ImageDataModule(pl.LightningDataModule):
             return TensorDataset(*self.features[split])
         return ImageDataset(self._part(split), self.class_to_idx, channels=self.read_channels,
                             transform=self.train_transform if train_transform else self.eval_transform,
-                            intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped)
+                            intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped,
+                            multi=self.multi)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
         workers = 0 if self.features else self.num_workers
@@ -117,7 +121,11 @@ class ImageDataModule(pl.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.seed), collate_fn=drop_failed)
 
     def class_weights(self) -> torch.Tensor:
-        """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``."""
+        """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``; multi-label: BCE positive weights
+        (negatives over positives per label)."""
+        if self.multi:
+            classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
+            return multilabel.pos_weight(multilabel.matrix(self._part("train")["label"], classes))
         counts = self._part("train")["label"].value_counts()
         freq = torch.tensor([counts.get(c, 0) for c in sorted(self.class_to_idx, key=self.class_to_idx.get)],
                             dtype=torch.float)

@@ -16,7 +16,7 @@ import torch
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix,
                                          MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
 
-from . import plots
+from . import multilabel, plots
 from .data import bad_files_note, scan
 from .images import read_image
 from .predict import Predictor
@@ -52,6 +52,9 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         items, probs = items[keep].reset_index(drop=True), probs[torch.from_numpy(keep)]
     if not len(items):
         raise ValueError(f"none of the images of {name} ({split}) could be read")
+    if predictor.thresholds is not None:
+        return _evaluate_multilabel(run, predictor, items, probs, bad, name, split, str(ckpt.relative_to(run.path)),
+                                    data or csv or run.path / "items.csv", n_wrong, report)
     target = torch.tensor([classes.index(c) for c in items["label"]])
     metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
     train = run.items[run.items["split"] == "train"]
@@ -142,7 +145,8 @@ def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | 
             raise ValueError(f"split {split!r} has no images here; the data has {', '.join(present) or 'no splits'} "
                              f"(or use --split all)")
         items = items[items["split"] == split]
-    unknown = sorted(set(items["label"]) - set(run.classes))
+    unknown = sorted({lab for s in multilabel.label_sets(items["label"]) for lab in s} - set(run.classes)) \
+        if run.recipe.train.labels == "multi" else sorted(set(items["label"]) - set(run.classes))
     if unknown:
         raise ValueError(f"labels {unknown[:5]} are not classes of {run.path} ({', '.join(run.classes)}): evaluate "
                          f"on data with the run's classes only")
@@ -177,6 +181,63 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
         "majority_class": classes[majority], "majority_accuracy": float(support[majority] / max(1, support.sum())),
     }
     return metrics, table, cm
+
+
+def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torch.Tensor,
+                         bad: pd.DataFrame, name: str, split: str, ckpt: str, data_path, n_wrong: int,
+                         report: bool) -> Evaluation:
+    """Multi-label scores at the checkpoint's thresholds: mAP, macro/micro F1, per-label AP/F1, precision-recall
+    curves, F1 against threshold, co-occurrence, and the images whose predicted label sets miss most."""
+    classes, folder = run.classes, next_free(run.path, f"eval-{name}-{split}")
+    target = torch.from_numpy(multilabel.matrix(items["label"], classes))
+    metrics, table = multilabel.score(probs, target, classes, predictor.thresholds)
+    train = run.items[run.items["split"] == "train"]
+    table.insert(1, "n_train", multilabel.matrix(train["label"], classes).sum(0).astype(int))
+    metrics["train_overlap"] = int(items["path"].map(os.path.realpath).isin(set(train["path"].map(os.path.realpath))).sum())
+    notes = [bad_files_note(bad, folder / "bad_files.csv")] if len(bad) else []
+    if len(bad):
+        bad.to_csv(folder / "bad_files.csv", index=False)
+    if metrics["train_overlap"]:
+        notes.append(f"{metrics['train_overlap']} of the {len(items)} evaluated images are in the run's own training "
+                     f"split: these scores overstate how it does on images it has not seen")
+    pred = multilabel.decide(probs, predictor.thresholds).numpy()
+    error = (probs - target).abs().sum(1).numpy()  # how far the predicted probabilities are from the true set
+    predictions = pd.DataFrame({"path": items["path"].to_numpy(), "labels": items["label"].to_numpy(),
+                                "predicted": [";".join(c for c, on in zip(classes, r) if on) for r in pred],
+                                "exact": (pred == target.numpy()).all(1), "error": error.round(4)})
+    for j, c in enumerate(classes):
+        predictions[f"prob_{c}"] = probs[:, j].numpy().round(6)
+    predictions.to_csv(folder / "predictions.csv", index=False)
+    table.to_csv(folder / "per_class.csv", index=False)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"run": str(run.path), "data": name, "data_path": str(data_path), "split": split, "checkpoint": ckpt,
+         "classes": classes, "multilabel": True, "thresholds": predictor.thresholds, "metrics": metrics,
+         "warnings": notes, "confusion": [], "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    worst = predictions.sort_values(["exact", "error"], ascending=[True, False], kind="stable").head(n_wrong)
+    pre = predictor.preprocess
+    images = [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in worst["path"]]
+    titles = [f"true: {t or '-'}\npredicted: {p or '-'}\n{_short(Path(f).name)}"
+              for t, p, f in zip(worst["labels"], worst["predicted"], worst["path"])]
+    y_all = multilabel.matrix(run.items["label"], classes)
+    figures = {
+        "per_label.png": plots.per_label(table),
+        "pr_curves.png": plots.pr_curves(multilabel.pr_curves(probs, target, classes), dict(zip(classes, table["ap"]))),
+        "threshold_f1.png": plots.threshold_f1(multilabel.f1_sweep(probs, target, classes),
+                                               dict(zip(classes, predictor.thresholds))),
+        "cooccurrence.png": plots.cooccurrence(y_all, classes),
+        "wrong.png": plots.image_grid(images, titles, title=f"Largest errors: wrong label sets first "
+                                      f"({int((~predictions['exact']).sum())} of {len(items)}), then the "
+                                      f"probabilities farthest from the true set ({name}, {split})"),
+        "curves.png": plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups]),
+    }
+    for fname, fig in figures.items():
+        plots.save(fig, folder / fname)
+    result = Evaluation(folder=folder, run=run.path, data=name, split=split, checkpoint=ckpt, classes=classes,
+                        metrics=metrics, per_class=table, confusion=np.zeros((0, 0)),
+                        pictures={n: folder / n for n in figures}, warnings=notes)
+    if report:
+        write_report(run, result, out=folder / "report.html")
+    return result
 
 
 def _short(name: str, n: int = 28) -> str:

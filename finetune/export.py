@@ -56,6 +56,8 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
                 "batch": "dynamic", "run": str(run.path), "checkpoint": str(ckpt.relative_to(run.path)),
                 "backbone": run.recipe.backbone.name, "opset": OPSET if fmt == "onnx" else None,
                 "torch": torch.__version__, "input": input_spec(predictor.preprocess)}
+        if predictor.thresholds is not None:  # multi-label: sigmoid of each logit, present at or above its threshold
+            meta.update(output="logits (multi-label: sigmoid)", thresholds=predictor.thresholds)
         exported = Predictor.from_export(folder, "cpu", meta)
         with torch.no_grad():
             diff = float((exported.logits(example) - model(example)).abs().max())

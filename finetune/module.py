@@ -9,9 +9,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassRecall, MultilabelAveragePrecision,
+                                         MultilabelF1Score, MultilabelPrecisionRecallCurve)
 
-from . import optim
+from . import multilabel, optim
 from .freeze import Plan, adapt_bn, hold_eval, set_trainable
 from .recipe import Recipe
 
@@ -21,20 +22,29 @@ class TrainingError(RuntimeError):
 
 
 class Classifier(pl.LightningModule):
-    """A timm model with a new head, trained with label smoothing, per-group learning rates and torchmetrics."""
+    """A timm model with a new head, trained with label smoothing, per-group learning rates and torchmetrics.
+    Multi-label (``train.labels: multi``): one sigmoid output a label, binary cross-entropy, mean average precision,
+    and each label's F1-maximising threshold on the validation images, kept in every checkpoint."""
 
     def __init__(self, model: torch.nn.Module, plan: Plan, recipe: Recipe, classes: list[str],
                  class_weights: torch.Tensor | None = None, extra: dict | None = None):
         super().__init__()
         self.model, self.plan, self.recipe, self.classes = model, plan, recipe, list(classes)
         self.extra = dict(extra or {})  # travels in every checkpoint: data config, eval pipeline, ...
-        self.loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=recipe.loss.label_smoothing)
-        n = len(classes)
-        metrics = {"acc": MulticlassAccuracy(n, average="micro"), "recall": MulticlassRecall(n, average="macro")}
-        if n > 5:
-            metrics["top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+        n, smooth = len(classes), recipe.loss.label_smoothing
+        self.multi = recipe.train.labels == "multi"
+        if self.multi:
+            self.loss_fn = _SmoothedBCE(class_weights, smooth)
+            metrics = {"map": MultilabelAveragePrecision(n, average="macro"), "f1": MultilabelF1Score(n, average="macro")}
+            self.val_curve, self.thresholds = MultilabelPrecisionRecallCurve(n), [0.5] * n
+        else:
+            self.loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=smooth)
+            metrics = {"acc": MulticlassAccuracy(n, average="micro"), "recall": MulticlassRecall(n, average="macro")}
+            if n > 5:
+                metrics["top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+        self.monitor = "val_map" if self.multi else "val_acc"  # what the best checkpoint is chosen on
         self.val_metrics = MetricCollection(metrics, prefix="val_")
-        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.train_acc = MultilabelF1Score(n, average="macro") if self.multi else MulticlassAccuracy(n, average="micro")
         self.train_loss = MeanMetric()  # the step value stays local; the epoch mean is reduced over ranks once
         self._epoch: int | None = None  # the epoch whose plan is in force
         # not a registered child: the state dict holds the model once, under "model."
@@ -82,6 +92,8 @@ class Classifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finetune"] = {"recipe": self.recipe.to_dict(), "classes": self.classes,
                                   "plan": self.plan.state_dict(), **self.extra}
+        if self.multi:
+            checkpoint["finetune"]["thresholds"] = list(self.thresholds)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.plan.load_state_dict(checkpoint["finetune"]["plan"])
@@ -99,17 +111,37 @@ class Classifier(pl.LightningModule):
         self.train_acc(logits.detach(), y)
         self.train_loss(loss.detach(), len(y))
         self.log("train_loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("train_f1" if self.multi else "train_acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
         self.log("val_loss", self.loss_fn(logits, y), on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
-        self.val_metrics.update(logits, y)
+        self.val_metrics.update(logits, y.int() if self.multi else y)
         self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if self.multi:
+            self.val_curve.update(logits.sigmoid(), y.int())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.multi:  # thresholds of this epoch's model, saved with it (the best checkpoint carries its own)
+            self.thresholds = multilabel.thresholds_from_curve(self.val_curve.compute())
+            self.val_curve.reset()
 
     def configure_optimizers(self) -> dict:
         steps = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)))
         opt, sched = optim.build(self.model, self.plan, self.recipe.optim, steps, self.trainer.max_epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _SmoothedBCE(torch.nn.Module):
+    """Binary cross-entropy on logits with label smoothing (targets pulled toward 1/2) and optional positive weights."""
+
+    def __init__(self, pos_weight: torch.Tensor | None, smoothing: float):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.float() * (1 - self.smoothing) + self.smoothing / 2
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight)

@@ -75,16 +75,19 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
     ax_loss.set(title="loss", xlabel="epochs done")
     for col, label, color in [("train_acc", "train accuracy", SPLIT_COLORS["train"]),
                               ("val_acc", "val accuracy", SPLIT_COLORS["val"]),
-                              ("val_recall", "val balanced accuracy (mean recall)", "#c44e52")]:
+                              ("val_recall", "val balanced accuracy (mean recall)", "#c44e52"),
+                              ("train_f1", "train macro F1 (at 0.5)", SPLIT_COLORS["train"]),
+                              ("val_map", "val mean average precision", SPLIT_COLORS["val"]),
+                              ("val_f1", "val macro F1 (at 0.5)", "#c44e52")]:
         if col in log and log[col].notna().any():
             s = per_epoch(col)
             ax_acc.plot(s.index, s.values, marker="o", label=label, color=color,
-                        linestyle="--" if col == "val_recall" else "-")
+                        linestyle="--" if col in ("val_recall", "val_f1") else "-")
     if "val_acc" in log and log["val_acc"].notna().any():
         s = per_epoch("val_acc")
         k = int(s.idxmax())
         ax_acc.axvline(k, color="0.6", linestyle=":", label=f"best val accuracy ({k} epoch{'s' * (k > 1)} done)")
-    ax_acc.set(title="accuracy", xlabel="epochs done", ylim=(0, 1.02))
+    ax_acc.set(title="accuracy" if "val_acc" in log else "scores", xlabel="epochs done", ylim=(0, 1.02))
     n_epochs = int(log["epoch"].max()) + 1
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.set_xlim(-0.05, n_epochs + 0.05)
@@ -349,4 +352,69 @@ def freeze_rule(points: pd.DataFrame | None = None, n_groups: int = 8) -> Figure
             ax.plot(r["per_class"], r["distance"], "o", color="white", markeredgecolor="black", markersize=8)
             ax.annotate(str(r["dataset"]), (r["per_class"], r["distance"]), textcoords="offset points",
                         xytext=(6, 6), color="white", fontsize=9, fontweight="bold")
+    return fig
+
+
+# -- multi-label -------------------------------------------------------------------------------------------------
+
+def per_label(table: pd.DataFrame) -> Figure:
+    """Per label: average precision and F1 at its threshold, with the label's support written beside it."""
+    labels = table["label"].tolist()
+    fig = figure(10, 1.4 + 0.45 * len(labels))
+    ax = fig.subplots()
+    y = np.arange(len(labels))
+    for i, (col, name, color) in enumerate([("ap", "average precision", "#4c72b0"),
+                                            ("f1", "F1 at the label's threshold", "#8c8c8c")]):
+        bars = ax.barh(y - 0.2 + 0.4 * i, table[col], height=0.4, color=color, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    ax.set_yticks(y, [f"{lab}  (n={n})" for lab, n in zip(labels, table["support"])])
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1.1), xlabel="score", title="Results per label (n: images carrying the label)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ap: dict[str, float]) -> Figure:
+    """Precision against recall for every label (``curves``: label -> (precision, recall))."""
+    fig = figure(7.5, 6)
+    ax = fig.subplots()
+    for lab, (p, r) in curves.items():
+        ax.plot(r, p, linewidth=1.3, label=f"{lab} (AP {ap[lab]:.2f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title="Precision-recall per label")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def cooccurrence(y: np.ndarray, labels: Sequence[str]) -> Figure:
+    """Images carrying both labels (the diagonal: each label's count), coloured by the share of the row's label."""
+    co = (y.T @ y).astype(int)
+    share = co / np.maximum(np.diag(co)[:, None], 1)
+    side = max(4.5, 1.2 + 0.5 * len(labels))
+    fig = figure(side + 1.5, side + 0.6, layout="compressed")
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Purples", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(co):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_title("Label co-occurrence in the data\n(colour: share of the row label's images)", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def threshold_f1(sweep: pd.DataFrame, thresholds: dict[str, float]) -> Figure:
+    """F1 of each label against its decision threshold (``sweep``: columns threshold, label, f1), the chosen
+    threshold marked."""
+    fig = figure(8, 5)
+    ax = fig.subplots()
+    for lab, rows in sweep.groupby("label", sort=False):
+        line, = ax.plot(rows["threshold"], rows["f1"], linewidth=1.2, label=lab)
+        t = thresholds[lab]
+        ax.plot([t], [np.interp(t, rows["threshold"], rows["f1"])], "o", color=line.get_color(), markersize=5)
+    ax.set(xlabel="threshold on the label's probability", ylabel="F1", xlim=(0, 1), ylim=(0, 1.02),
+           title="F1 against the decision threshold (dot: the threshold chosen on the validation split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2)
     return fig

@@ -50,11 +50,13 @@ class OnnxBackend:
 
 class Predictor:
     """Classes, preprocessing and a backend (any ``logits = backend(batch)``); ``predict_paths`` gives a table of
-    top-k labels, ``probabilities`` the (N, classes) matrix."""
+    top-k labels, ``probabilities`` the (N, classes) matrix. With ``thresholds`` (one a label) the model is
+    multi-label: sigmoid probabilities, and a label is present when its probability reaches its threshold."""
 
     def __init__(self, classes: Sequence[str], preprocess: Preprocess,
-                 backend: Callable[[torch.Tensor], torch.Tensor]):
+                 backend: Callable[[torch.Tensor], torch.Tensor], thresholds: Sequence[float] | None = None):
         self.classes, self.preprocess, self.backend = list(classes), preprocess, backend
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         self.transform = preprocess.eval_transform()
         self.model = getattr(backend, "model", None)  # the torch module of a PyTorch or TorchScript backend
 
@@ -77,7 +79,8 @@ class Predictor:
         model = create_backbone(recipe.backbone.name, len(meta["classes"]), pretrained=False,
                                 in_chans=model_channels(recipe))
         model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-        return cls(meta["classes"], Preprocess.from_dict(meta["preprocess"]), TorchBackend(model, device))
+        return cls(meta["classes"], Preprocess.from_dict(meta["preprocess"]), TorchBackend(model, device),
+                   meta.get("thresholds"))
 
     @classmethod
     def from_export(cls, folder: str | Path, device: str | None = None, meta: dict | None = None) -> Predictor:
@@ -91,7 +94,7 @@ class Predictor:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load announces its deprecation
                 backend = TorchBackend(torch.jit.load(str(path), map_location="cpu"), device)
-        return cls(meta["classes"], Preprocess.from_dict(meta["preprocess"]), backend)
+        return cls(meta["classes"], Preprocess.from_dict(meta["preprocess"]), backend, meta.get("thresholds"))
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +103,9 @@ class Predictor:
 
     def predict(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Class probabilities of a batch of preprocessed images (N, C, H, W); ``tta`` adds the flipped batch."""
-        p = self.logits(x).softmax(-1)
-        return (p + self.logits(x.flip(-1)).softmax(-1)) / 2 if tta else p
+        act = torch.sigmoid if self.thresholds is not None else (lambda z: z.softmax(-1))
+        p = act(self.logits(x))
+        return (p + act(self.logits(x.flip(-1)))) / 2 if tta else p
 
     def probabilities(self, files: Sequence[str | Path], tta: bool = False, batch_size: int = 64,
                       workers: int | None = None) -> tuple[torch.Tensor, dict[int, str]]:
@@ -125,6 +129,8 @@ class Predictor:
         files = expand_paths(paths)
         k = max(1, min(top_k, len(self.classes)))
         probs, errors = self.probabilities(files, tta, batch_size, workers)
+        if self.thresholds is not None:
+            return self._label_sets(files, probs, errors)
         ok, top = ~probs.isnan().any(-1).numpy(), probs.nan_to_num(-1.0).topk(k, dim=-1)
         table = pd.DataFrame({"path": [str(f) for f in files]})
         for j in range(k):
@@ -132,6 +138,16 @@ class Predictor:
             table[f"prob_{j + 1}"] = np.where(ok, top.values[:, j].double().numpy().round(6), np.nan)
         if errors:
             table["error"] = [errors.get(i, "") for i in range(len(files))]
+        return table
+
+    def _label_sets(self, files: list[Path], probs: torch.Tensor, errors: dict[int, str]) -> pd.DataFrame:
+        """Multi-label table: path, labels (';'-separated, those at or above their threshold), prob_<label>, error."""
+        present = (probs >= torch.tensor(self.thresholds)).numpy()
+        table = pd.DataFrame({"path": [str(f) for f in files],
+                              "labels": [";".join(c for c, on in zip(self.classes, row) if on) for row in present]})
+        for j, c in enumerate(self.classes):
+            table[f"prob_{c}"] = probs[:, j].double().numpy().round(6)
+        table["error"] = [errors.get(i, "") for i in range(len(files))]
         return table
 
 

@@ -113,6 +113,7 @@ class Train:
     seed: int = 0
     deterministic: bool = False
     val_fraction: float = 0.2
+    labels: Literal["auto", "single", "multi"] = "auto"  # multi: several labels an image; auto: the CSV's form
     split_groups: Union[str, None] = None  # regex on the file name; its match keeps a group on one side
     num_workers: Union[int, str] = "auto"
     channels_last: bool = False

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
+from . import multilabel, plots
 from .run import Run
 
 __all__ = ["Evaluation", "PICTURES", "write_report", "render", "latest_evaluation", "notes"]
@@ -30,6 +30,11 @@ PICTURES = {
                  "intensity scaling (as the network sees them, before resizing).",
     "curves.png": "Training curves: loss, accuracy and each param group's learning rate.",
     "class_counts.png": "Images per class in each split of the run's data.",
+    "per_label.png": "Average precision and F1 (at the label's threshold) of each label, with its number of images.",
+    "pr_curves.png": "Precision against recall for each label, over all thresholds.",
+    "threshold_f1.png": "F1 of each label against its decision threshold; the dot is the threshold the run chose on "
+                        "its validation images.",
+    "cooccurrence.png": "How often two labels appear on the same image in the run's data.",
 }
 
 
@@ -59,8 +64,22 @@ class Evaluation:
                    pictures={n: folder / n for n in PICTURES if (folder / n).is_file()},
                    warnings=m.get("warnings", []))
 
+    @property
+    def multilabel(self) -> bool:
+        return "map" in self.metrics
+
     def to_string(self) -> str:
         m, n_cls = self.metrics, len(self.classes)
+        if self.multilabel:
+            return "\n".join([*(f"warning: {w}" for w in self.warnings),
+                f"Evaluated {self.run} ({self.checkpoint}) on {self.data}, split {self.split}: {m['n']} images, "
+                f"{n_cls} labels (multi-label)",
+                f"  mean average precision  {m['map']:.3f}  (over labels; independent of thresholds)",
+                f"  macro F1                {m['macro_f1']:.3f}  (at each label's threshold)",
+                f"  micro F1                {m['micro_f1']:.3f}",
+                f"  exact label set         {m['exact_match']:.3f}", "",
+                self.per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"), "",
+                f"written to {self.folder}/: " + ", ".join(sorted(p.name for p in self.folder.iterdir()))])
         top5 = (f"{m['top5_error']:.3f}" if m["top5_error"] is not None
                 else f"-      ({n_cls} classes: the top 5 always hold the answer)")
         lines = [*(f"warning: {w}" for w in self.warnings),
@@ -140,10 +159,13 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
     parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>"]
 
     parts.append("<h2>At a glance</h2>")
-    if ev is not None:
+    if ev is not None and ev.multilabel:
+        parts.append(_multilabel_section(ev))
+    elif ev is not None:
         parts.append(_tiles(ev))
-    parts.append("<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes(run, ev)) + "</ul>")
-    if ev is not None:
+    if ev is None or not ev.multilabel:
+        parts.append("<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes(run, ev)) + "</ul>")
+    if ev is not None and not ev.multilabel:
         parts.append(_picture(ev, "per_class.png"))
         parts.append("<h3>Per class</h3>" + _per_class_table(ev.per_class))
 
@@ -156,12 +178,18 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
                      "</code> adds per-class results, the confusion matrix, calibration and the worst mistakes.</p>")
 
     parts.append("<h2>Data</h2>")
-    parts.append(_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)))
+    if run.recipe.train.labels == "multi":
+        parts.append(_picture(ev, "cooccurrence.png", lambda: plots.cooccurrence(
+            multilabel.matrix(items["label"], classes), classes)))
+        parts.append(f"<pre>{_e(multilabel.counts_report(items, classes))}</pre>")
+    else:
+        parts.append(_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)))
     counts = pd.crosstab(items["label"], items["split"]).reindex(index=classes, fill_value=0)
     counts = counts[[c for c in ("train", "val", "test", "") if c in counts.columns]]
     counts["total"] = counts.sum(axis=1)
     counts.loc["total"] = counts.sum(axis=0)
-    parts.append(_table(counts.rename_axis("class").reset_index()))
+    if run.recipe.train.labels != "multi":
+        parts.append(_table(counts.rename_axis("class").reset_index()))
     parts.append(_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"))
 
     parts.append("<h2>Training</h2>")
@@ -272,6 +300,31 @@ def _tiles(ev: Evaluation) -> str:
                                          f"</span></div>" for v, k, bad in tiles) + "</div>"
 
 
+def _multilabel_section(ev: Evaluation) -> str:
+    """Tiles, notes, per-label pictures and table, and the largest errors of a multi-label evaluation."""
+    m, t = ev.metrics, ev.per_class
+    present = t[t["support"] > 0].sort_values("ap", kind="stable")
+    tiles = [(f"{m['map']:.3f}", "mean average precision", False), (f"{m['macro_f1']:.3f}", "macro F1", False),
+             (f"{m['micro_f1']:.3f}", "micro F1", False), (f"{m['exact_match']:.3f}", "exact label set", False)]
+    notes = [f"<b class=warn>{_e(w[0].upper() + w[1:])}.</b>" for w in ev.warnings]
+    if len(present):
+        w = present.iloc[0]
+        tiles.append((f"{w['ap']:.3f}", f"AP of {w['label']} (weakest label)", w["ap"] < 0.5))
+        notes.append(f"Weakest label (lowest average precision): <b>{_e(w['label'])}</b>, AP {w['ap']:.3f} on "
+                     f"{w['support']} images with it ({w['n_train']} in training); at its threshold "
+                     f"{w['threshold']:.2f} it finds {w['recall']:.0%} of them, {w['precision']:.0%} of its calls right.")
+    if m["labels_without_images"]:
+        notes.append("No evaluated image carries " + ", ".join(map(_e, m["labels_without_images"])) +
+                     ": their scores are left out of the means.")
+    html = ("<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{_e(v)}</b><span>{_e(k)}"
+                                          f"</span></div>" for v, k, bad in tiles) + "</div>")
+    html += "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
+    html += _picture(ev, "per_label.png") + "<h3>Per label</h3>" + _table(t)
+    html += (f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({m['n']} images)</h2><p class=sub>checkpoint "
+             f"{_e(ev.checkpoint)}; files in {_e(str(ev.folder))}</p>")
+    return html + _picture(ev, "pr_curves.png") + _picture(ev, "threshold_f1.png") + _picture(ev, "wrong.png")
+
+
 def _per_class_table(t: pd.DataFrame) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("class", "train images", "evaluated", "predicted as", "precision",
                                               "recall", "F1"))
@@ -292,7 +345,8 @@ def _epoch_table(run: Run) -> str:
     df = run.metrics()
     if df.empty:
         return "<p>No training log.</p>"
-    keep = [c for c in ("epoch", "train_loss_epoch", "train_acc", "val_loss", "val_acc", "val_recall", "val_top5")
+    keep = [c for c in ("epoch", "train_loss_epoch", "train_acc", "train_f1", "val_loss", "val_acc", "val_recall",
+                        "val_top5", "val_map", "val_f1")
             if c in df]
     df = df[keep].rename(columns={"epoch": "epochs done", "train_loss_epoch": "train_loss",
                                   "val_recall": "val_balanced_acc"})

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from . import augment, cache, lr_find, tracking
+from . import augment, cache, lr_find, multilabel, tracking
 from .backbone import create_backbone
 from .data import SCAN_MODES, DataError, is_packed, scan, split
 from .datamodule import ImageDataModule
@@ -49,9 +49,20 @@ def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None =
               allow_outside=t.allow_outside, max_bad_fraction=t.max_bad_fraction,
               max_pixels=recipe.image.max_pixels, decode=SCAN_MODES[t.scan], progress=progress)
     timer and timer.mark("scan")
-    items = split(sc.items, t.val_fraction, seed=t.seed, groups=t.split_groups)
+    if t.labels == "single" and sc.multilabel:
+        raise DataError(f"{csv}: its label cells hold label sets (';' or 0/1 columns) but train.labels is single; "
+                        f"set train.labels: multi (or auto)")
+    items = split(sc.items, t.val_fraction, seed=t.seed, groups=t.split_groups,
+                  multilabel=t.labels == "multi" or sc.multilabel)
     timer and timer.mark("split")
     return items, list(sc.classes), sc
+
+
+def labels_kind(recipe: Recipe, sc: Any) -> Recipe:
+    """The recipe with ``train.labels: auto`` resolved from the data (multi when the CSV holds label sets)."""
+    if recipe.train.labels != "auto":
+        return recipe
+    return recipe.override({"train.labels": "multi" if sc.multilabel else "single"})
 
 
 def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = None, *, csv: str | Path | None = None,
@@ -87,7 +98,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
         items, classes, sc = prepare(data, recipe_obj, csv=csv, progress=progress, timer=timer)
-        if len(classes) < 2:
+        recipe_obj = labels_kind(recipe_obj, sc)
+        if len(classes) < 2 and not sc.multilabel:
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
         ckpt, pretrained, weights = None, recipe_obj.backbone.pretrained, recipe_obj.backbone.weights
@@ -104,7 +116,9 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         run.write_json("classes.json", classes)
         items.to_csv(run.path / "items.csv", index=False)
         sc.save_report(run.path)
-        plan = plan_for(model, recipe_obj, int((items["split"] == "train").sum()), len(classes), data=data, csv=csv)
+        n_train = int((items["split"] == "train").sum())
+        plan = plan_for(model, recipe_obj, n_train, len(classes), data=data, csv=csv,
+                        per_class=multilabel.images_a_label(items, classes) if sc.multilabel else None)
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
         timer.mark("plan")
@@ -116,7 +130,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     has_val = bool((items["split"] == "val").any())
     # the best epoch's weights (for evaluate/export/predict); the optimizer state that resuming needs is in last
     best = BestCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
-                          monitor="val_acc" if has_val else None, mode="max", save_top_k=1, save_weights_only=True)
+                          monitor=("val_map" if t.labels == "multi" else "val_acc") if has_val else None, mode="max",
+                          save_top_k=1, save_weights_only=True)
     # every epoch, whatever the score: a crash never costs more than the epoch in progress
     last = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            enable_version_counter=False)
@@ -136,7 +151,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
                              train_transform=train_tf, eval_transform=pre.eval_transform(),
                              intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
                              seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels,
-                             skipped=_skipped_csv(run))
+                             skipped=_skipped_csv(run), multi=t.labels == "multi")
     weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
     datamodule, module_cls = dm, Classifier
     if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:

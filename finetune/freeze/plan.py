@@ -190,10 +190,11 @@ def full(model: torch.nn.Module, **kw) -> Plan:
 
 
 def plan_for(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: int, *,
-             data: str | Path | None = None, csv: str | Path | None = None) -> Plan:
+             data: str | Path | None = None, csv: str | Path | None = None, per_class: float | None = None) -> Plan:
     """The plan for this data and recipe: automatic (declared distance, or measured on ``data``/``csv`` when the
     recipe says ``freeze.domain: measure``), or by hand (full, probe, fixed) with the rule's BN modes for this data
-    unless ``freeze.bn`` names one."""
+    unless ``freeze.bn`` names one. ``per_class`` (multi-label data) replaces n_train / n_classes as the images a
+    class: the mean number of training images that carry a label."""
     f, t = recipe.freeze, recipe.train
     if f.domain == "measure":
         if data is None and csv is None:
@@ -205,9 +206,14 @@ def plan_for(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: in
     else:
         distance, source = rule.distance_of(None if isinstance(f.domain, float) else f.domain,
                                             f.domain if isinstance(f.domain, float) else None)
+    counted = ""
+    if per_class is not None:
+        counted = (f"multi-label: the mean number of the {n_train} training images that carry each of the {n_classes} "
+                   f"labels; an image with several labels counts for each")
+        n_classes = n_train / max(per_class, 1e-9)  # so that n_train / n_classes is the images a label
     d = rule.decide(n_train, n_classes, n_body_groups(model), distance=distance, source=source, epochs=t.epochs,
                     batch_size=t.batch_size, bn=f.bn, schedule=f.schedule, probe_epochs=f.probe_epochs,
-                    lr_decay=f.lr_decay)
+                    lr_decay=f.lr_decay, counted=counted)
     if f.mode == "auto":
         return from_decision(model, d)
     kw = dict(bn_fixed=d.bn_fixed, bn_trained=d.bn_trained, epochs=t.epochs, probe_epochs=f.probe_epochs,

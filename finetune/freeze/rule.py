@@ -101,6 +101,7 @@ class Decision:
     schedule: str
     probe_epochs: int | None
     bn_chosen: bool = True  # the BN modes came from the rule, not from the recipe
+    counted: str = ""  # how images a class were counted, when not n_train / n_classes (multi-label)
 
     per_class = property(lambda self: self.n_train / max(self.n_classes, 1))
     score = property(lambda self: data_score(self.n_train, self.n_classes))
@@ -114,7 +115,7 @@ class Decision:
 
 def decide(n_train: int, n_classes: int, n_groups: int, *, distance: float, source: str = "measured",
            epochs: int = 5, batch_size: int = 32, bn: str = "auto", schedule: str = "auto",
-           probe_epochs: int | None = None, lr_decay: float | None = None) -> Decision:
+           probe_epochs: int | None = None, lr_decay: float | None = None, counted: str = "") -> Decision:
     """The automatic decision for ``n_groups`` backbone groups; ``bn``/``schedule``/``lr_decay`` other than auto
     override that part of it."""
     share = trainable_share(n_train, n_classes, distance)
@@ -129,7 +130,7 @@ def decide(n_train: int, n_classes: int, n_groups: int, *, distance: float, sour
     return Decision(n_train, n_classes, distance, source, n_groups, epochs, batch_size, depth=n_groups - k,
                     base_mult=0.1 + 0.3 * distance, decay=lr_decay if lr_decay is not None else 0.6 + 0.3 * distance,
                     bn_fixed=bn_fixed, bn_trained=bn_trained, schedule=sched, probe_epochs=probe_epochs,
-                    bn_chosen=bn == "auto")
+                    bn_chosen=bn == "auto", counted=counted)
 
 
 def explain(d: Decision, fixed_names: list[str] = (), has_bn: bool = True) -> list[str]:
@@ -140,7 +141,8 @@ def explain(d: Decision, fixed_names: list[str] = (), has_bn: bool = True) -> li
            if d.distance >= ADAPT_FROM else "close to ImageNet's natural photos")
     k = d.n_groups - d.depth
     reasons = [
-        f"{d.per_class:.0f} images a class ({d.n_train} training images, {d.n_classes} classes): data score "
+        f"{d.per_class:.0f} images a class ({d.counted or f'{d.n_train} training images, {d.n_classes} classes'}): "
+        f"data score "
         f"{d.score:.2f} (log scale: 1 image a class is 0, 1000 is 1). Fewer examples: more weights stay fixed.",
         f"distance to ImageNet {d.distance:.2f} ({d.source}): {far}. Farther: more of the network must change, "
         f"earlier stages included.",

@@ -1,0 +1,181 @@
+"""Multi-label data and decisions: several labels an image, read from a CSV (a ``;``-separated cell or one 0/1
+column per label), split by iterative stratification, scored by average precision, decided by per-label thresholds.
+
+A label set travels through the item table as one sorted ``;``-joined string in the ``label`` column (empty: no
+label), so scanning, duplicate checks and run folders treat both kinds of data alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score, MultilabelPrecisionRecallCurve
+
+SEP = ";"
+#: separators people use instead of ';' (a cell holding one of these is refused: the split would be a guess)
+_FOREIGN = {",": "comma", "|": "bar", "\t": "tab"}
+
+
+class LabelError(ValueError):
+    """A label cell cannot be read as a label set; the message names the line and the cell."""
+
+
+def csv_form(df: pd.DataFrame) -> str | None:
+    """'cell' for a ``labels`` column (or a ``label`` column with ';' in it), 'columns' for one 0/1 column a label
+    next to ``path`` (and ``split``), None for single-label data."""
+    cols = {c.lower(): c for c in df.columns}
+    if "labels" in cols:
+        return "cell"
+    if "label" in cols:
+        return "cell" if df[cols["label"]].astype(str).str.contains(SEP, regex=False).any() else None
+    rest = [c for c in df.columns if c.lower() not in ("path", "split")]
+    binary = len(rest) >= 2 and all(df[c].astype(str).str.strip().isin(["0", "1"]).all() for c in rest)
+    return "columns" if binary else None
+
+
+def label_cells(df: pd.DataFrame, form: str, lines: np.ndarray, source: str) -> tuple[list[str], list[str]]:
+    """Every row's label set as a sorted ';'-joined string, and warnings (duplicate labels in one cell, labels
+    seen once). Raises LabelError for a cell that uses another separator."""
+    warnings: list[str] = []
+    if form == "columns":
+        rest = [c for c in df.columns if c.lower() not in ("path", "split")]
+        hot = df[rest].astype(str).apply(lambda s: s.str.strip()).to_numpy() == "1"
+        cells = [SEP.join(sorted(str(c).strip() for c, on in zip(rest, row) if on)) for row in hot]
+    else:
+        col = {c.lower(): c for c in df.columns}.get("labels") or {c.lower(): c for c in df.columns}["label"]
+        cells = []
+        for raw, line in zip(df[col].astype(str), lines):
+            for sep, name in _FOREIGN.items():
+                if sep in raw:
+                    raise LabelError(f"{source} line {line}: label cell {raw!r} contains a {name} ({sep!r}); "
+                                     f"separate labels with ';' (e.g. {SEP.join(p.strip() for p in raw.split(sep))!r})")
+            parts = [p.strip() for p in raw.split(SEP) if p.strip()]
+            if len(set(parts)) < len(parts):
+                twice = sorted({p for p in parts if parts.count(p) > 1})
+                warnings.append(f"line {line}: label cell {raw!r} names {', '.join(twice)} more than once; "
+                                f"counted once")
+            cells.append(SEP.join(sorted(set(parts))))
+    counts = pd.Series([lab for c in cells for lab in c.split(SEP) if lab]).value_counts()
+    for lab in sorted(counts[counts == 1].index):
+        warnings.append(f"label '{lab}' appears on only 1 image: it stays in train, with none to validate on")
+    return cells, warnings
+
+
+def label_sets(labels: pd.Series) -> list[list[str]]:
+    return [[lab for lab in str(c).split(SEP) if lab] for c in labels]
+
+
+def classes_of(labels: pd.Series) -> list[str]:
+    """The sorted labels that occur in any cell."""
+    return sorted({lab for s in label_sets(labels) for lab in s})
+
+
+def matrix(labels: pd.Series, classes: list[str]) -> np.ndarray:
+    """Multi-hot matrix (images x labels), float32."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    for row, s in enumerate(label_sets(labels)):
+        out[row, [index[lab] for lab in s]] = 1.0
+    return out
+
+
+def stratified_val(pool: pd.DataFrame, fraction: float, seed: int) -> list:
+    """Index labels of a validation share that keeps every label's share on both sides (iterative
+    stratification, Sechidis et al. 2011, as the iterative-stratification package implements it)."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    y = matrix(pool["label"], classes_of(pool["label"]))
+    y = np.concatenate([y, (y.sum(axis=1) == 0)[:, None].astype(np.float32)], axis=1)  # "no label" counts too
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    _, val = next(splitter.split(np.zeros(len(pool)), y))
+    return pool.index[np.sort(val)].tolist()
+
+
+def counts_report(items: pd.DataFrame, classes: list[str]) -> str:
+    """Per-label image counts by split, images without a label, labels an image, and label co-occurrence."""
+    y = matrix(items["label"], classes)
+    splits = items["split"].replace("", "unsplit")
+    table = pd.DataFrame({s: y[(splits == s).to_numpy()].sum(axis=0).astype(int) for s in splits.unique()},
+                         index=pd.Index(classes, name="label"))
+    table["total"] = y.sum(axis=0).astype(int)
+    per_image = pd.Series(y.sum(axis=1).astype(int)).value_counts().sort_index()
+    co = pd.DataFrame((y.T @ y).astype(int), index=classes, columns=classes)
+    return "\n".join([
+        f"multi-label: {len(classes)} labels; {int((y.sum(axis=1) == 0).sum())} images without a label; labels an "
+        "image: " + ", ".join(f"{k}: {v}" for k, v in per_image.items()), "", table.to_string(), "",
+        "co-occurrence (images carrying both; the diagonal is each label's count):", co.to_string(), ""])
+
+
+def images_a_label(items: pd.DataFrame, classes: list[str]) -> float:
+    """Mean number of training images carrying a label: what the freeze policy counts as 'images a class'."""
+    train = items[items["split"] == "train"]
+    return float(matrix(train["label"], classes).sum(axis=0).mean()) if len(classes) else 0.0
+
+
+def pos_weight(y: np.ndarray, cap: float = 20.0) -> torch.Tensor:
+    """BCE positive weights: negatives over positives per label (capped), for ``loss.balance: weights``."""
+    pos = y.sum(axis=0)
+    return torch.as_tensor(np.clip((len(y) - pos) / np.maximum(pos, 1), 1.0, cap), dtype=torch.float32)
+
+
+def best_thresholds(probs: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """Per label, the probability threshold that maximises its F1 on these images (0.5 for a label without
+    positives here, where F1 is undefined)."""
+    return thresholds_from_curve(MultilabelPrecisionRecallCurve(num_labels=probs.shape[1])(probs, target.int()))
+
+
+def thresholds_from_curve(curve: tuple) -> list[float]:
+    """The F1-maximising threshold of each label from torchmetrics' multilabel precision-recall curve; 0.5 where no
+    threshold finds a positive (no positives among the images)."""
+    out = []
+    for p, r, t in zip(*curve):
+        f1 = (2 * p * r / (p + r).clamp(min=1e-12)).nan_to_num(0.0)[:-1]  # the last point has no threshold
+        out.append(float(t[int(f1.argmax())]) if len(t) and f1.max() > 0 else 0.5)
+    return out
+
+
+def decide(probs: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """0/1 decisions: a label is present when its probability reaches its threshold."""
+    return (probs >= torch.as_tensor(thresholds, dtype=probs.dtype)).int()
+
+
+def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
+          thresholds: list[float]) -> tuple[dict, pd.DataFrame]:
+    """Mean average precision over labels, macro/micro F1 at the thresholds, and the per-label table (label,
+    support, AP, precision, recall, F1, threshold)."""
+    n, t = len(classes), target.int()
+    pred = decide(probs, thresholds)
+    tp = (pred * t).sum(0).float()
+    fp, fn = (pred * (1 - t)).sum(0).float(), ((1 - pred) * t).sum(0).float()
+    precision, recall = tp / (tp + fp).clamp(min=1), tp / (tp + fn).clamp(min=1)
+    ap = MultilabelAveragePrecision(n, average=None)(probs, t)
+    table = pd.DataFrame({"label": classes, "support": t.sum(0).numpy(), "predicted": pred.sum(0).numpy(),
+                          "ap": ap.numpy(), "precision": precision.numpy(), "recall": recall.numpy(),
+                          "f1": MultilabelF1Score(n, average=None)(pred.float(), t).numpy(),
+                          "threshold": thresholds})
+    present = table["support"] > 0
+    metrics = {"n": int(len(t)), "map": float(table.loc[present, "ap"].mean()),
+               "macro_f1": float(table.loc[present, "f1"].mean()),
+               "micro_f1": float(MultilabelF1Score(n, average="micro")(pred.float(), t)),
+               "exact_match": float((pred == t).all(1).float().mean()),
+               "labels_without_images": [c for c, p in zip(classes, present) if not p]}
+    return metrics, table
+
+
+def pr_curves(probs: torch.Tensor, target: torch.Tensor, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """label -> (precision, recall) along the label's thresholds."""
+    precision, recall, _ = MultilabelPrecisionRecallCurve(num_labels=len(classes))(probs, target.int())
+    return {c: (p.numpy(), r.numpy()) for c, p, r in zip(classes, precision, recall)}
+
+
+def f1_sweep(probs: torch.Tensor, target: torch.Tensor, classes: list[str], steps: int = 99) -> pd.DataFrame:
+    """F1 of every label at evenly spaced thresholds (columns threshold, label, f1)."""
+    grid = torch.linspace(0.01, 0.99, steps)
+    t = target.int()
+    rows = []
+    for th in grid:
+        pred = (probs >= th).int()
+        tp, fp, fn = (pred * t).sum(0), (pred * (1 - t)).sum(0), ((1 - pred) * t).sum(0)
+        f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+        rows += [(float(th), c, float(v)) for c, v in zip(classes, f1)]
+    return pd.DataFrame(rows, columns=["threshold", "label", "f1"])
