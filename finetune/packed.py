@@ -44,6 +44,9 @@ def pack(data: str | os.PathLike | None, recipe: Recipe, out: str, *, csv: str |
     if taken:
         raise FileExistsError(f"{out} exists and is not empty: pack never overwrites; choose another --out")
     items, classes, sc = prepare(data, recipe, csv=csv, progress=True)
+    if sc.multilabel:
+        raise ValueError(f"{sc.source}: packing multi-label data (label sets) is not supported; train from the "
+                         f"folder and its CSV")
     items = items.reset_index(drop=True)
     index = {c: i for i, c in enumerate(classes)}
     workers = workers or max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
