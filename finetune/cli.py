@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--method", "-m", default="gradcam", help="gradcam (default), gradcam++, hirescam, xgradcam, "
                                                               "layercam, eigencam, eigengradcam, scorecam, ablationcam")
-    p.add_argument("--top-k", "-k", type=int, default=3)
+    p.add_argument("--top-k", "-k", type=int, default=3, help="answers to show per image, each with its map (default: 3)")
     p.add_argument("--out", help="folder to write (default: RUN/explain-METHOD)")
 
     p = sub.add_parser("lr-find", help="Lightning's learning-rate finder on the freeze plan's groups, without training",
@@ -159,15 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(lr_find.png) and the chosen rate into a new run folder and prints it.")
     _data_args(p)
     _recipe_args(p)
-    p.add_argument("--backbone", "-b")
-    p.add_argument("--out", "-o", default="runs")
+    p.add_argument("--backbone", "-b", help="any timm model name (default: the recipe's)")
+    p.add_argument("--out", "-o", default="runs", help="where the finder's run folder goes (default: runs)")
 
     p = sub.add_parser("serve", help="a web page on this computer: upload images, see the top-k answers and maps",
                        description="Serves a page on http://127.0.0.1:PORT/ (this computer only) for a run or an "
                                    "exported model folder; maps need a run and finetune[explain].")
     p.add_argument("run", help="a run folder or an exported model folder")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--top-k", "-k", type=int, default=3)
+    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default: 8000)")
+    p.add_argument("--top-k", "-k", type=int, default=3, help="answers to show per image (default: 3)")
 
     p = sub.add_parser("recipes", help="list the shipped recipes, or show one")
     p.add_argument("name", nargs="?", help="a recipe to show with its comments (default: list them all)")
