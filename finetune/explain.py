@@ -36,7 +36,7 @@ class Explainer:
 
     def __call__(self, x: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        x = x.to(self.predictor.device)
+        x = x.to(self.predictor.backend.device)
         if targets is None:
             targets = self.predictor.predict(x).argmax(-1).tolist()
         with torch.enable_grad():

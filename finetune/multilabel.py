@@ -6,10 +6,13 @@ label), so scanning, duplicate checks and run folders treat both kinds of data a
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
-from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score, MultilabelPrecisionRecallCurve
+
+if TYPE_CHECKING:  # torch and torchmetrics load where a model is scored: scanning data does not wait for them
+    import torch
 
 SEP = ";"
 #: separators people use instead of ';' (a cell holding one of these is refused: the split would be a guess)
@@ -114,6 +117,7 @@ def images_a_label(items: pd.DataFrame, classes: list[str]) -> float:
 
 def pos_weight(y: np.ndarray, cap: float = 20.0) -> torch.Tensor:
     """BCE positive weights: negatives over positives per label (capped), for ``loss.balance: weights``."""
+    import torch
     pos = y.sum(axis=0)
     return torch.as_tensor(np.clip((len(y) - pos) / np.maximum(pos, 1), 1.0, cap), dtype=torch.float32)
 
@@ -121,6 +125,7 @@ def pos_weight(y: np.ndarray, cap: float = 20.0) -> torch.Tensor:
 def best_thresholds(probs: torch.Tensor, target: torch.Tensor) -> list[float]:
     """Per label, the probability threshold that maximises its F1 on these images (0.5 for a label without
     positives here, where F1 is undefined)."""
+    from torchmetrics.classification import MultilabelPrecisionRecallCurve
     return thresholds_from_curve(MultilabelPrecisionRecallCurve(num_labels=probs.shape[1])(probs, target.int()))
 
 
@@ -136,6 +141,7 @@ def thresholds_from_curve(curve: tuple) -> list[float]:
 
 def decide(probs: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """0/1 decisions: a label is present when its probability reaches its threshold."""
+    import torch
     return (probs >= torch.as_tensor(thresholds, dtype=probs.dtype)).int()
 
 
@@ -143,6 +149,7 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
           thresholds: list[float]) -> tuple[dict, pd.DataFrame]:
     """Mean average precision over labels, macro/micro F1 at the thresholds, and the per-label table (label,
     support, AP, precision, recall, F1, threshold)."""
+    from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
     n, t = len(classes), target.int()
     pred = decide(probs, thresholds)
     tp = (pred * t).sum(0).float()
@@ -164,12 +171,14 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
 
 def pr_curves(probs: torch.Tensor, target: torch.Tensor, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """label -> (precision, recall) along the label's thresholds."""
+    from torchmetrics.classification import MultilabelPrecisionRecallCurve
     precision, recall, _ = MultilabelPrecisionRecallCurve(num_labels=len(classes))(probs, target.int())
     return {c: (p.numpy(), r.numpy()) for c, p, r in zip(classes, precision, recall)}
 
 
 def f1_sweep(probs: torch.Tensor, target: torch.Tensor, classes: list[str], steps: int = 99) -> pd.DataFrame:
     """F1 of every label at evenly spaced thresholds (columns threshold, label, f1)."""
+    import torch
     grid = torch.linspace(0.01, 0.99, steps)
     t = target.int()
     rows = []

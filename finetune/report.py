@@ -30,6 +30,9 @@ PICTURES = {
                  "intensity scaling (as the network sees them, before resizing).",
     "curves.png": "Training curves: loss, accuracy and each param group's learning rate.",
     "class_counts.png": "Images per class in each split of the run's data.",
+}
+#: the pictures of a multi-label evaluation (with wrong.png and curves.png above)
+MULTILABEL_PICTURES = {
     "per_label.png": "Average precision and F1 (at the label's threshold) of each label, with its number of images.",
     "pr_curves.png": "Precision against recall for each label, over all thresholds.",
     "threshold_f1.png": "F1 of each label against its decision threshold; the dot is the threshold the run chose on "
@@ -61,7 +64,7 @@ class Evaluation:
         table = pd.read_csv(folder / "per_class.csv", keep_default_na=False)
         return cls(folder=folder, run=Path(m["run"]), data=m["data"], split=m["split"], checkpoint=m["checkpoint"],
                    classes=m["classes"], metrics=m["metrics"], per_class=table, confusion=np.array(m["confusion"]),
-                   pictures={n: folder / n for n in PICTURES if (folder / n).is_file()},
+                   pictures={n: folder / n for n in {**PICTURES, **MULTILABEL_PICTURES} if (folder / n).is_file()},
                    warnings=m.get("warnings", []))
 
     @property
@@ -363,7 +366,7 @@ def _picture(ev: Evaluation | None, name: str, make=None) -> str:
         data = plots.png_bytes(make())
     else:
         return ""
-    return _figure(data, PICTURES.get(name, name))
+    return _figure(data, {**PICTURES, **MULTILABEL_PICTURES}.get(name, name))
 
 
 def _cams(run: Run, ev: Evaluation, n_wrong: int = 8, per_class: int = 2) -> str:

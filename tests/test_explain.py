@@ -10,7 +10,7 @@ from PIL import Image
 
 from finetune.cli import main
 from finetune.explain import Explainer, _spatial
-from finetune.predict import Predictor
+from finetune.predict import Predictor, TorchBackend
 from finetune.recipe import load_recipe
 from finetune.train import _preprocess
 
@@ -18,7 +18,8 @@ pytest.importorskip("pytorch_grad_cam")
 
 
 def _predictor(model, recipe):
-    return Predictor(model, [str(i) for i in range(model.num_classes)], _preprocess(recipe, model, None), "cpu")
+    return Predictor([str(i) for i in range(model.num_classes)], _preprocess(recipe, model, None),
+                     TorchBackend(model, "cpu"))
 
 
 def test_gradcam_mass_lies_on_the_cat(one_thread):
