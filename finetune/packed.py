@@ -77,6 +77,8 @@ def _sample(row: tuple[str, int, int]) -> dict[str, Any]:
 class PackedData:
     """A packed dataset as ``train.prepare`` returns it for a folder's scan: items, classes, the report."""
 
+    multilabel = False  # pack refuses label sets
+
     def __init__(self, url: str, meta: dict | None = None):
         self.url = str(url)
         self.meta = meta or json.loads(_get(self.url, PACK_INDEX))
