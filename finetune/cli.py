@@ -234,7 +234,12 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _print_summary(run) -> None:
-    s = run.summary
+    import pandas as pd
+    from .data import bad_files_note
+    s, listed = run.summary, run.path / "bad_files.csv"
+    note = bad_files_note(pd.read_csv(listed, keep_default_na=False), listed) if listed.is_file() else None
+    if note:
+        print(note, file=sys.stderr)
     print(f"\nrun folder: {run.path}")
     score = s.get("best_score")
     print(f"best checkpoint: {s.get('best_checkpoint')}  ({s.get('best_metric')} = "

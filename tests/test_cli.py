@@ -261,3 +261,11 @@ def test_unknown_backbone_suggests_names_with_offline_weights_first(capsys):
     names = line.split("did you mean: ")[1].rstrip("?").split(", ")
     assert names[0] == "tf_efficientnet_lite0 (offline weights)"  # difflib alone puts lite4 first
     assert set(names[1:3]) == {"tf_efficientnet_lite1", "tf_efficientnet_lite2"}  # packaged, pip-installable
+
+
+def test_train_says_in_one_line_how_many_files_it_skipped_and_where_they_are_listed(capsys, data, tmp_path):
+    (data / "cat" / "empty.png").write_bytes(b"")
+    code, out, err = cli(capsys, "train", data, "--out", tmp_path / "runs", "--name", "r", *TINY)
+    assert code == 0, err
+    listed = tmp_path / "runs" / "r" / "bad_files.csv"
+    assert f"1 unreadable file skipped (empty file 1): listed in {listed}" in err.splitlines()
