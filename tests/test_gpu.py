@@ -10,9 +10,9 @@ import functools
 import os
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from conftest import Seen
 from finetune import cache, fit
 from finetune.run import load_checkpoint
 
@@ -22,31 +22,6 @@ pytestmark = pytest.mark.skipif(not (CUDA or os.environ.get("FINETUNE_GPU_DRY_RU
 DEVICE = "cuda" if CUDA else "cpu"
 TINY = ["train.epochs=1", "image.size=32", "train.batch_size=16", "train.num_workers=0",
         f"train.accelerator={'gpu' if CUDA else 'cpu'}", "train.devices=1"]
-
-
-class Seen(pl.Callback):
-    """What the first training step saw: the logits' dtype, the input's device and memory format, the stem's."""
-
-    def on_fit_start(self, trainer, pl_module):
-        self.seen, model = {}, pl_module.model
-        self.start = model.conv_stem.weight.detach().clone()
-        model.get_classifier().register_forward_hook(self._logits)
-        model.conv_stem.register_forward_pre_hook(self._input)
-        self.seen["scaler"] = getattr(trainer.precision_plugin, "scaler", None) is not None
-
-    def _logits(self, module, args, out):  # returns None: a hook's return value would replace the output
-        self.seen.setdefault("logits", out.dtype)
-
-    def _input(self, module, args):
-        self.seen.setdefault("device", args[0].device.type)
-        self.seen.setdefault("input_cl", args[0].is_contiguous(memory_format=torch.channels_last))
-        self.seen.setdefault("stem_cl", module.weight.is_contiguous(memory_format=torch.channels_last))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen.setdefault("loss", outputs["loss"].item())
-
-    def on_fit_end(self, trainer, pl_module):
-        self.seen["moved"] = not torch.equal(pl_module.model.conv_stem.weight.detach().cpu(), self.start.cpu())
 
 
 def _train(textures, tmp_path, *extra, name="r"):

@@ -3,9 +3,9 @@ import functools
 import os
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from conftest import Seen
 from finetune import fit
 from finetune.examples import texture_folder
 from finetune.run import load_checkpoint
@@ -18,35 +18,11 @@ def textures(tmp_path_factory):
     return texture_folder(tmp_path_factory.mktemp("data") / "textures", patch=64, val_every=4)
 
 
-class Seen(pl.Callback):
-    """What a training step saw: the logits' dtype, the input's and the stem's memory format."""
-
-    def on_fit_start(self, trainer, pl_module):
-        self.seen, model = {}, pl_module.model
-        self.start = model.conv_stem.weight.detach().clone()
-        model.get_classifier().register_forward_hook(self._logits)
-        model.conv_stem.register_forward_pre_hook(self._input)
-
-    def _logits(self, module, args, out):
-        self.seen.setdefault("logits", out.dtype)
-
-    def _input(self, module, args):
-        self.seen.setdefault("input_cl", args[0].is_contiguous(memory_format=torch.channels_last))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen.setdefault("loss", outputs["loss"].item())
-        self.seen.setdefault("stem_cl", pl_module.model.conv_stem.weight.is_contiguous(
-            memory_format=torch.channels_last))
-
-    def on_fit_end(self, trainer, pl_module):
-        self.moved = not torch.equal(pl_module.model.conv_stem.weight.detach().cpu(), self.start)
-
-
 def _train(textures, tmp_path, *extra):
     seen = Seen()
     run = fit(textures, "natural", out=tmp_path, name="r", overrides=FAST + list(extra), progress=False,
               callbacks=[seen])
-    assert seen.moved and torch.isfinite(torch.tensor(seen.seen["loss"]))
+    assert seen.seen["moved"] and torch.isfinite(torch.tensor(seen.seen["loss"]))
     return run, seen.seen
 
 
