@@ -225,14 +225,11 @@ class ImageDataset:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | ImageError:
         return self.sample(str(self.paths[index]), self.target(index))
 
-    def target(self, index: int) -> int | torch.Tensor:
-        """The class index, or a multi-label image's 0/1 vector."""
-        if self.targets.ndim == 1:
-            return int(self.targets[index])
-        import torch
-        return torch.from_numpy(self.targets[index])
+    def target(self, index: int) -> int | np.ndarray:
+        """The class index, or a multi-label image's 0/1 vector (the loader's collate makes it a tensor)."""
+        return int(self.targets[index]) if self.targets.ndim == 1 else self.targets[index]
 
-    def sample(self, path: str, target: int | torch.Tensor, data: bytes | None = None) -> tuple[torch.Tensor, int] | ImageError:
+    def sample(self, path: str, target: int | np.ndarray, data: bytes | None = None) -> tuple[torch.Tensor, int] | ImageError:
         """One image (from ``data``, its bytes, if given) read, scaled and transformed, or its recorded error."""
         try:
             img = read_image(path, self.channels, max_pixels=self.max_pixels, data=data)

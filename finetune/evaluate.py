@@ -59,18 +59,8 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
     metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
     train = run.items[run.items["split"] == "train"]
     table.insert(1, "n_train", [int((train["label"] == c).sum()) for c in classes])
-    real = os.path.realpath  # the same file under another name (a symlinked folder) counts
-    metrics["train_overlap"] = int(items["path"].map(real).isin(set(train["path"].map(real))).sum())
-    metrics["bad_files"] = len(bad)
-
     folder = next_free(run.path, f"eval-{name}-{split}")
-    notes = []
-    if len(bad):
-        bad.to_csv(folder / "bad_files.csv", index=False)
-        notes.append(bad_files_note(bad, folder / "bad_files.csv"))
-    if metrics["train_overlap"]:
-        notes.append(f"{metrics['train_overlap']} of the {len(items)} evaluated images are in the run's own training "
-                     f"split: these scores overstate how it does on images it has not seen")
+    notes = _warnings(metrics, items, train, bad, folder)
     pred = probs.argmax(-1)
     conf = probs.max(-1).values
     predictions = pd.DataFrame({"path": items["path"].to_numpy(), "label": items["label"].to_numpy(),
@@ -183,6 +173,22 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
     return metrics, table, cm
 
 
+def _warnings(metrics: dict, items: pd.DataFrame, train: pd.DataFrame, bad: pd.DataFrame, folder: Path) -> list[str]:
+    """Count the evaluated images that are in the run's training split and the skipped files (listed in
+    ``bad_files.csv``) into ``metrics``; the console's and report's sentences about them."""
+    real = os.path.realpath  # the same file under another name (a symlinked folder) counts
+    metrics["train_overlap"] = int(items["path"].map(real).isin(set(train["path"].map(real))).sum())
+    metrics["bad_files"] = len(bad)
+    notes = []
+    if len(bad):
+        bad.to_csv(folder / "bad_files.csv", index=False)
+        notes.append(bad_files_note(bad, folder / "bad_files.csv"))
+    if metrics["train_overlap"]:
+        notes.append(f"{metrics['train_overlap']} of the {len(items)} evaluated images are in the run's own training "
+                     f"split: these scores overstate how it does on images it has not seen")
+    return notes
+
+
 def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torch.Tensor,
                          bad: pd.DataFrame, name: str, split: str, ckpt: str, data_path, n_wrong: int,
                          report: bool) -> Evaluation:
@@ -193,13 +199,7 @@ def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, pr
     metrics, table = multilabel.score(probs, target, classes, predictor.thresholds)
     train = run.items[run.items["split"] == "train"]
     table.insert(1, "n_train", multilabel.matrix(train["label"], classes).sum(0).astype(int))
-    metrics["train_overlap"] = int(items["path"].map(os.path.realpath).isin(set(train["path"].map(os.path.realpath))).sum())
-    notes = [bad_files_note(bad, folder / "bad_files.csv")] if len(bad) else []
-    if len(bad):
-        bad.to_csv(folder / "bad_files.csv", index=False)
-    if metrics["train_overlap"]:
-        notes.append(f"{metrics['train_overlap']} of the {len(items)} evaluated images are in the run's own training "
-                     f"split: these scores overstate how it does on images it has not seen")
+    notes = _warnings(metrics, items, train, bad, folder)
     pred = multilabel.decide(probs, predictor.thresholds).numpy()
     error = (probs - target).abs().sum(1).numpy()  # how far the predicted probabilities are from the true set
     predictions = pd.DataFrame({"path": items["path"].to_numpy(), "labels": items["label"].to_numpy(),

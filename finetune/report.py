@@ -299,6 +299,11 @@ def _tiles(ev: Evaluation) -> str:
     if m.get("top5_error") is not None:
         tiles.append((f"{m['top5_error']:.3f}", "top-5 error", False))
     tiles.append((f"{m['ece']:.3f}", "calibration error (ECE)", m["ece"] >= 0.1))
+    return _tile_row(tiles)
+
+
+def _tile_row(tiles: list[tuple[str, str, bool]]) -> str:
+    """(value, label, highlighted) as a row of tiles."""
     return "<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{_e(v)}</b><span>{_e(k)}"
                                          f"</span></div>" for v, k, bad in tiles) + "</div>"
 
@@ -319,8 +324,7 @@ def _multilabel_section(ev: Evaluation) -> str:
     if m["labels_without_images"]:
         notes.append("No evaluated image carries " + ", ".join(map(_e, m["labels_without_images"])) +
                      ": their scores are left out of the means.")
-    html = ("<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{_e(v)}</b><span>{_e(k)}"
-                                          f"</span></div>" for v, k, bad in tiles) + "</div>")
+    html = _tile_row(tiles)
     html += "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
     html += _picture(ev, "per_label.png") + "<h3>Per label</h3>" + _table(t)
     html += (f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({m['n']} images)</h2><p class=sub>checkpoint "
