@@ -42,7 +42,6 @@ class Classifier(pl.LightningModule):
             metrics = {"acc": MulticlassAccuracy(n, average="micro"), "recall": MulticlassRecall(n, average="macro")}
             if n > 5:
                 metrics["top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
-        self.monitor = "val_map" if self.multi else "val_acc"  # what the best checkpoint is chosen on
         self.val_metrics = MetricCollection(metrics, prefix="val_")
         self.train_acc = MultilabelF1Score(n, average="macro") if self.multi else MulticlassAccuracy(n, average="micro")
         self.train_loss = MeanMetric()  # the step value stays local; the epoch mean is reduced over ranks once

@@ -90,8 +90,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         if resume is not None and overrides:
             _extend(run, overrides)
         recipe_obj, items, classes, plan = run.recipe, run.items, run.classes, run.plan
-        pre = Preprocess.from_dict(run.read_json("data.json")["preprocess"])
-        packed = run.read_json("data.json").get("packed")
+        stored = run.read_json("data.json")
+        pre, packed = Preprocess.from_dict(stored["preprocess"]), stored.get("packed")
         ckpt = None if shared else run.checkpoint("last")
         pretrained = bool(shared) and recipe_obj.backbone.pretrained  # other ranks of a new run: rank 0's weights
         weights = recipe_obj.backbone.weights if pretrained else None
