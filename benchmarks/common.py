@@ -196,8 +196,9 @@ def run_fit(dataset: str, csv_path: Path, recipe: str, overrides: list[str], nam
     RUNS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with contextlib.nullcontext() if validate_every_epoch else _ValidateAtEnd():
-        run = fit(DATASETS / dataset, recipe, csv=csv_path, out=RUNS,
-                  name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", overrides=overrides, progress=False)
+        run = fit(DATASETS / dataset, recipe, csv=csv_path, out=RUNS,  # scored on validation: no refit
+                  name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", overrides=["train.refit=false", *overrides],
+                  progress=False)
     wall = time.time() - t0
     s = run.summary
     want = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.epochs=")), None)

@@ -30,6 +30,7 @@ SIZES = {"hymenoptera": 128, "bccd_cells": 128, "mitocheck_cells": 64}
 
 
 def main(argv=None) -> None:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=DATASETS)
     ap.add_argument("--recipes", nargs="+", default=RECIPES)
@@ -41,7 +42,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--val-cap", type=int, default=600)
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"result CSV (default: {OUT.relative_to(RESULTS.parents[1])})")
     a = ap.parse_args(argv)
+    OUT = a.out
     if a.summary:
         print(summary(read_rows(OUT)))
         return

@@ -11,8 +11,8 @@ EPILOG = "Docs: README.md and docs/ in the project. Every command takes --help."
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", "-r", help="shipped recipe name (natural, microscopy, ...) or a YAML file "
-                                          "(default: natural)")
+    p.add_argument("--recipe", "-r", help="shipped recipe name (natural, microscopy, ...), a YAML file, or auto "
+                                          "(default: auto, chosen from the images; 'finetune plan' says why)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set optim.lr=3e-4 (repeatable)")
 
@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=False)
     p.add_argument("--split", default=None, help="which split of DATA to use when it has train/val/test (default: "
                                                   "test if present, else val, else all)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
-                   help="the best epoch's weights or the last epoch's (default: best)")
+    p.add_argument("--checkpoint", default="final", choices=["final", "best", "last"],
+                   help="final: the refit model after a refit, else the best epoch's weights; best; last "
+                        "(default: final)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, help="processes that read the images (default: 0 on 2 CPU cores or fewer, "
@@ -246,6 +247,10 @@ def _print_summary(run) -> None:
           f"{'-' if score is None else f'{score:.4f}'})")
     for k, v in sorted(s.get("final_metrics", {}).items()):
         print(f"  {k:<14} {v:.4f}")
+    if "refit" in s:
+        r = s["refit"]
+        print(f"final model: {r['checkpoint']}, refit on train + val ({r['images']} images, {r['epochs']} epochs, "
+              f"{r['wall_time_s']} s); the scores above are the first fit's on the validation split")
     print(f"wall time: {s.get('wall_time_s')} s")
 
 
@@ -271,7 +276,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from .train import fit
     folder = texture_folder(args.folder)
     print(f"example images: {folder} (scikit-image's brick, grass and gravel textures, 64 patches each)")
-    run = fit(folder, "natural", out=args.out, overrides=[f"train.epochs={args.epochs}"])
+    # no refit: the next steps evaluate on the example's val/ folder, which a refit would train on
+    run = fit(folder, "natural", out=args.out, overrides=[f"train.epochs={args.epochs}", "train.refit=false"])
     _print_summary(run)
     print(f"\nnext: finetune evaluate {run.path}    finetune predict {run.path} {folder}/val --top-k 2")
     return 0
@@ -315,23 +321,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_recipe(args: argparse.Namespace):
-    from .recipe import load_recipe
-    return load_recipe(args.recipe, _train_overrides(args))
+def _load_recipe(args: argparse.Namespace, why: bool = False):
+    """The recipe the options name; without --recipe the one chosen from DATA's images (and, with ``why``, the
+    reasons for the choice)."""
+    from .autorecipe import resolve
+    recipe, reasons = resolve(args.recipe, getattr(args, "data", None), getattr(args, "csv", None),
+                              _train_overrides(args))
+    return (recipe, reasons) if why else recipe
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import augment
     from .backbone import create_backbone
-    from .freeze import plan_for
-    from .train import prepare
-    recipe = _load_recipe(args)
+    from .train import labels_kind, prepare, run_plan
+    recipe, chosen = _load_recipe(args, why=True)
     items, classes, sc = prepare(args.data, recipe, csv=args.csv)
+    recipe = labels_kind(recipe, sc)
     b = recipe.backbone
     model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
                             in_chans=augment.model_channels(recipe))
     n_train = int((items["split"] == "train").sum())
-    plan = plan_for(model, recipe, n_train, len(classes), data=args.data, csv=args.csv)
+    plan = run_plan(model, recipe, items, classes, chosen, data=args.data, csv=args.csv, multi=sc.multilabel)
     print(f"{b.name} on {args.data or args.csv}: {n_train} training images, {len(classes)} classes, "
           f"recipe '{recipe.name}', {recipe.train.epochs} epochs, batches of {recipe.train.batch_size}\n")
     print(plan.explain())

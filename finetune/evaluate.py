@@ -27,7 +27,7 @@ __all__ = ["Evaluation", "evaluate", "select_items", "score", "PICTURES"]
 
 
 def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str | Path | None = None,
-             split: str | None = None, checkpoint: str = "best", batch_size: int = 64, workers: int | None = None,
+             split: str | None = None, checkpoint: str = "final", batch_size: int = 64, workers: int | None = None,
              tta: bool = False, n_bins: int = 10, n_wrong: int = 16, device: str | None = None,
              report: bool = True) -> Evaluation:
     """Evaluate a run's checkpoint on ``data`` (an image folder or ``csv``; default: the run's own test split,
@@ -57,7 +57,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
                                     data or csv or run.path / "items.csv", n_wrong, report)
     target = torch.tensor([classes.index(c) for c in items["label"]])
     metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
-    train = run.items[run.items["split"] == "train"]
+    train = run.training_items(checkpoint)
     table.insert(1, "n_train", [int((train["label"] == c).sum()) for c in classes])
     folder = next_free(run.path, f"eval-{name}-{split}")
     notes = _warnings(metrics, items, train, bad, folder)
@@ -197,7 +197,7 @@ def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, pr
     classes, folder = run.classes, next_free(run.path, f"eval-{name}-{split}")
     target = torch.from_numpy(multilabel.matrix(items["label"], classes))
     metrics, table = multilabel.score(probs, target, classes, predictor.thresholds)
-    train = run.items[run.items["split"] == "train"]
+    train = run.training_items("best")  # multi-label never refits
     table.insert(1, "n_train", multilabel.matrix(train["label"], classes).sum(0).astype(int))
     notes = _warnings(metrics, items, train, bad, folder)
     pred = multilabel.decide(probs, predictor.thresholds).numpy()

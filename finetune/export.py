@@ -24,7 +24,7 @@ ATOL = 1e-4
 _CV2 = {0: "INTER_NEAREST", 1: "INTER_LINEAR", 2: "INTER_CUBIC", 3: "INTER_AREA", 4: "INTER_LANCZOS4"}
 
 
-def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str = "best") -> Path:
+def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str = "final") -> Path:
     """Export a run's checkpoint to ``out`` (default ``RUN/export-<fmt>``, numbered if it exists; a given ``out``
     that exists is an error) and check that the export's logits match PyTorch's on the run's own images."""
     from .run import Run, next_free

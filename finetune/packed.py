@@ -57,7 +57,7 @@ def pack(data: str | os.PathLike | None, recipe: Recipe, out: str, *, csv: str |
                      output_dir=_join(out, split), chunk_bytes=chunk_bytes, num_workers=min(workers, len(rows)),
                      mode="overwrite", verbose=False)
     t = recipe.train
-    meta = {"format": "finetune-pack/1", "source": sc.source, "classes": classes,
+    meta = {"format": "finetune-pack/1", "source": sc.source, "classes": classes, "recipe": recipe.name,
             "split": {"val_fraction": t.val_fraction, "seed": t.seed, "groups": t.split_groups},
             "counts": {s: int((items["split"] == s).sum()) for s in SPLITS},
             "items": items[["path", "label", "split"]].to_dict(orient="list"),

@@ -61,7 +61,7 @@ class Predictor:
         self.model = getattr(backend, "model", None)  # the torch module of a PyTorch or TorchScript backend
 
     @classmethod
-    def load(cls, path: str | Path, checkpoint: str = "best", device: str | None = None) -> Predictor:
+    def load(cls, path: str | Path, checkpoint: str = "final", device: str | None = None) -> Predictor:
         """From a run folder (its best or last checkpoint), a checkpoint file, or an exported model folder."""
         path = Path(path)
         if (path / "export.json").is_file():

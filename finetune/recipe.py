@@ -119,6 +119,8 @@ class Train:
     channels_last: bool = False
     compile: bool = False
     cache_features: Union[bool, str] = "auto"
+    # after the fit that chose the epoch on the validation split, a second fit on train + val gives the final model
+    refit: Union[bool, str] = "auto"  # auto: for single-label data under REFIT_BELOW labelled images a class
     max_bad_fraction: float = 0.2
     scan: Literal["auto", "full", "header"] = "auto"  # auto: headers only from data.HEADER_ONLY_FROM files on
     strict: bool = False
@@ -407,6 +409,8 @@ def _check_consistency(r: Recipe, source: str) -> None:
     lo, hi = r.augment.crop_scale
     if not 0 < lo <= hi <= 1:
         raise RecipeError(f"{source}: 'augment.crop_scale' = [{lo}, {hi}] must satisfy 0 < low <= high <= 1")
+    if isinstance(r.train.refit, str) and r.train.refit != "auto":
+        raise RecipeError(f"{source}: 'train.refit' = {r.train.refit!r}: use auto, true or false")
     if isinstance(r.train.cache_features, str) and r.train.cache_features != "auto":
         raise RecipeError(f"{source}: 'train.cache_features' = {r.train.cache_features!r}: use auto, true or false")
     if isinstance(r.train.num_workers, str) and r.train.num_workers != "auto":

@@ -156,7 +156,11 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
     title = f"{run.path.name}: {recipe.backbone.name} on {len(classes)} classes"
     sub = [f"recipe '{recipe.name}'", f"{s.get('epochs', '?')} epochs", f"{len(items)} images"]
     if s.get("best_score") is not None:
-        sub.append(f"best {s.get('best_metric')} {s['best_score']:.3f}")
+        sub.append(f"best {s.get('best_metric')} {s['best_score']:.3f}"
+                   + (" (first fit: an honest validation estimate)" if "refit" in s else ""))
+    if "refit" in s:
+        sub.append(f"final model refit on train + val ({s['refit']['images']} images, {s['refit']['epochs']} "
+                   f"epochs)")
     if s.get("wall_time_s") is not None:
         sub.append(f"{s['wall_time_s']:.0f} s training")
     parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>"]

@@ -172,9 +172,13 @@ class Run:
     def summary(self) -> dict:
         return self.read_json("summary.json") if (self.path / "summary.json").exists() else {}
 
-    def checkpoint(self, which: str = "best") -> Path:
-        """The best or last checkpoint file."""
+    def checkpoint(self, which: str = "final") -> Path:
+        """The final model (the refit's last epoch after a refit, else the best epoch), the best or the last
+        checkpoint of the first fit."""
         folder = self.path / "checkpoints"
+        refit = self.summary.get("refit", {}).get("checkpoint")
+        if which == "final" and refit and (self.path / refit).is_file():
+            return self.path / refit
         if which == "last":
             path = folder / "last.ckpt"
         else:
@@ -187,6 +191,11 @@ class Run:
             raise RunError(f"{self.path} has no {which} checkpoint yet (the run stopped before its first epoch "
                            f"ended); start it again")
         return path
+
+    def training_items(self, which: str = "final") -> pd.DataFrame:
+        """The items a checkpoint (:meth:`checkpoint`'s ``which``) trained on: train + val for a refit's."""
+        refit = which == "final" and self.checkpoint(which).is_relative_to(self.path / "refit")
+        return self.items[self.items["split"].isin(["train", "val"] if refit else ["train"])]
 
     def metrics(self) -> pd.DataFrame:
         """One row an epoch, merged over every (resumed) attempt's CSV log."""

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from . import augment, cache, lr_find, multilabel, tracking
+from . import augment, autorecipe, cache, lr_find, multilabel, tracking
 from .backbone import create_backbone
 from .data import SCAN_MODES, DataError, is_packed, scan, split
 from .datamodule import ImageDataModule
@@ -24,7 +24,7 @@ from .freeze import Plan, plan_for, set_trainable
 from .images import dataset_percentiles
 from .module import Classifier
 from .preprocess import Pipeline, Preprocess
-from .recipe import Recipe, Train, load_recipe
+from .recipe import Recipe, RecipeError, Train
 from .run import AtomicCheckpointIO, Run, RunError, atomic_write
 from .startup import StartupTimer
 
@@ -32,6 +32,7 @@ log = logging.getLogger("finetune")
 # Lightning's advertisement for its cloud logger, printed by every Trainer, is noise in a training log
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 _RUN_ENV = "FINETUNE_RUN"  # rank 0's run folder, inherited by the DDP processes it starts
+REFIT_BELOW = 300  # train.refit: auto refits data with fewer labelled images a class (docs/benchmarks-accuracy.md)
 
 
 def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None, progress: bool = False,
@@ -70,6 +71,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         resume: str | Path | None = None, progress: bool = True,
         callbacks: Iterable[pl.Callback] = ()) -> Run:
     """Fine-tune a timm backbone on an image folder (one sub-folder per class) or a CSV of path,label[,split].
+    ``recipe``: a Recipe, a shipped name or a YAML file; None or 'auto' picks one from the images
+    (:mod:`finetune.autorecipe`). With ``train.refit`` a second fit on train + val makes the final model.
 
     Writes a new run folder under ``out`` (never overwriting one) and returns it; ``resume=RUN`` continues a
     stopped run from its last checkpoint, schedules included (``overrides`` may then raise ``train.epochs`` only,
@@ -79,9 +82,7 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     if resume is None:
         if data is None and csv is None:
             raise ValueError("fit() needs data (an image folder) or csv= (a CSV of path,label), or resume=RUN")
-        recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        if overrides:
-            recipe_obj = recipe_obj.override(overrides)
+        recipe_obj, chosen = autorecipe.resolve(recipe, data, csv, overrides)
         stem = f"{Path(str(data or csv)).resolve().name.replace(' ', '_') or 'data'}-{recipe_obj.backbone.name}"
         name = name or _job_name(stem)
     shared = None if resume is not None or _is_rank_zero() else _rank_zero_run(out, name)
@@ -117,23 +118,74 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         items.to_csv(run.path / "items.csv", index=False)
         sc.save_report(run.path)
         n_train = int((items["split"] == "train").sum())
-        plan = plan_for(model, recipe_obj, n_train, len(classes), data=data, csv=csv,
-                        per_class=multilabel.images_a_label(items, classes) if sc.multilabel else None)
+        plan = run_plan(model, recipe_obj, items, classes, chosen, data=data, csv=csv, multi=sc.multilabel)
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
         timer.mark("plan")
         run.write_json("data.json", {"preprocess": pre.to_dict(), "packed": packed,
                                      "weights_source": getattr(model, "finetune_source", None)})
     t = recipe_obj.train
+    if resume is None or run.summary.get("epochs") != t.epochs:  # else the first fit is done: on to the refit
+        trainer, best = _fit_once(run, run.path, recipe_obj, model, plan, items, classes, pre, packed, ckpt,
+                                  progress, [timer, *callbacks], timer)
+        if trainer.global_rank == 0:
+            _finish(run, trainer, best, started, resumed=resume is not None)
+    if refit_wanted(recipe_obj, items, classes, _processes(t))[0] and _is_rank_zero():
+        _refit(run, recipe_obj, plan, items, classes, pre, packed, progress, callbacks)
+    return run
+
+
+def run_plan(model: torch.nn.Module, recipe: Recipe, items: pd.DataFrame, classes: list[str], chosen: list[str] = (),
+             *, data: str | Path | None = None, csv: str | Path | None = None, multi: bool = False) -> Plan:
+    """:func:`~finetune.freeze.plan_for` this data, with why the recipe was chosen first and whether a refit
+    follows last among its reasons (what plan.txt and ``finetune plan`` show)."""
+    plan = plan_for(model, recipe, int((items["split"] == "train").sum()), len(classes), data=data, csv=csv,
+                    per_class=multilabel.images_a_label(items, classes) if multi else None)
+    refit = refit_wanted(recipe, items, classes, _processes(recipe.train))[1]
+    plan.reasons = [*chosen, *plan.reasons, *([refit] if refit else [])]
+    return plan
+
+
+def refit_wanted(recipe: Recipe, items: pd.DataFrame, classes: list[str], processes: int = 1) -> tuple[bool, str]:
+    """Whether a second fit on train + val makes the final model (``train.refit``), and the sentence that says why.
+    ``auto`` refits single-label data with fewer than REFIT_BELOW labelled images a class in one process: there the
+    validation images are worth more as training data than as the choice of an epoch."""
+    t, n_val = recipe.train, int((items["split"] == "val").sum())
+    n = int(items["split"].isin(["train", "val"]).sum())
+    per_class = n / max(len(classes), 1)
+    if t.refit is False or n_val == 0:
+        return False, "" if t.refit is False else "no refit: there is no validation split to add to the training set"
+    blocked = ("multi-label data (the per-label thresholds are chosen on the validation images)"
+               if t.labels == "multi" else f"{processes} processes (refit runs in one)" if processes > 1 else None)
+    if blocked:
+        if t.refit is True:
+            raise RecipeError(f"train.refit: true is not available for {blocked}; set train.refit: false")
+        return False, f"no refit: {blocked}"
+    if t.refit == "auto" and per_class >= REFIT_BELOW:
+        return False, (f"no refit: {per_class:.0f} labelled images a class >= {REFIT_BELOW}; the validation split "
+                       f"stays out of training (train.refit: true adds it)")
+    reason = "train.refit: true" if t.refit is True else f"{per_class:.0f} labelled images a class < {REFIT_BELOW}"
+    return True, (f"refit: after this plan's run chooses on the {n_val} validation images, a second run with the "
+                  f"same plan and {t.epochs} epochs trains on all {n} labelled images (train + val) and gives the "
+                  f"final model, its last epoch kept ({reason}); the validation scores stay the first run's, an "
+                  f"honest estimate.")
+
+
+def _fit_once(run: Run, root: Path, recipe: Recipe, model: torch.nn.Module, plan: Plan, items: pd.DataFrame,
+              classes: list[str], pre: Preprocess, packed: str | None, ckpt: Path | None, progress: bool,
+              callbacks: list, timer: StartupTimer | None = None) -> tuple[pl.Trainer, ModelCheckpoint | None]:
+    """One Lightning fit of ``model`` under ``plan`` with checkpoints and logs under ``root``; returns the trainer
+    and the best-epoch checkpoint callback (None for a refit, under ``RUN/refit``)."""
+    t = recipe.train
     set_trainable(model, plan, None)  # before DDP wraps the model: it registers what may ever train
     pl.seed_everything(t.seed, workers=True, verbose=False)
     has_val = bool((items["split"] == "val").any())
     # the best epoch's weights (for evaluate/export/predict); the optimizer state that resuming needs is in last
-    best = BestCheckpoint(dirpath=run.path / "checkpoints", filename="best-{epoch:02d}",
+    best = BestCheckpoint(dirpath=root / "checkpoints", filename="best-{epoch:02d}",
                           monitor=("val_map" if t.labels == "multi" else "val_acc") if has_val else None, mode="max",
-                          save_top_k=1, save_weights_only=True)
+                          save_top_k=1, save_weights_only=True) if root == run.path else None  # a refit keeps last
     # every epoch, whatever the score: a crash never costs more than the epoch in progress
-    last = ModelCheckpoint(dirpath=run.path / "checkpoints", filename="last", save_top_k=1, monitor=None,
+    last = ModelCheckpoint(dirpath=root / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            enable_version_counter=False)
     processes = _processes(t)
     steps = math.ceil(int((items["split"] == "train").sum()) / processes / t.batch_size)
@@ -141,29 +193,29 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=_strategy(t, plan, processes), use_distributed_sampler=False,  # our data modules shard by rank
         precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
-        callbacks=[timer, best, last, LearningRateMonitor(logging_interval="epoch"), tracking.LogRun(run.path),
-                   *callbacks],
-        logger=tracking.loggers(t.loggers, run.path), plugins=[AtomicCheckpointIO()], default_root_dir=run.path,
+        callbacks=[c for c in (best, last) if c] + [LearningRateMonitor(logging_interval="epoch"),
+                                                    tracking.LogRun(run.path), *callbacks],
+        logger=tracking.loggers(t.loggers, root), plugins=[AtomicCheckpointIO()], default_root_dir=root,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, steps)))
-    train_tf = Pipeline(augment.build_transforms(recipe_obj, pre.config, train=True))
+        limit_val_batches=None if has_val else 0, log_every_n_steps=max(1, min(50, steps)))
+    train_tf = Pipeline(augment.build_transforms(recipe, pre.config, train=True))
     dm = _datamodule(packed)(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
                              train_transform=train_tf, eval_transform=pre.eval_transform(),
                              intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
-                             seed=t.seed, balance=recipe_obj.loss.balance, max_pixels=pre.max_pixels,
+                             seed=t.seed, balance=recipe.loss.balance, max_pixels=pre.max_pixels,
                              skipped=_skipped_csv(run), multi=t.labels == "multi")
-    weights = dm.class_weights() if recipe_obj.loss.balance == "weights" else None
+    weights = dm.class_weights() if recipe.loss.balance == "weights" else None
     datamodule, module_cls = dm, Classifier
-    if cache.decide(recipe_obj, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
-        datamodule, info = cache.cached_training(model, plan, recipe_obj, pre.to_dict(), items, dm, ckpt,
+    if cache.decide(recipe, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
+        datamodule, info = cache.cached_training(model, plan, recipe, pre.to_dict(), items, dm, ckpt,
                                                  trainer.strategy.root_device)
         if _is_rank_zero():
-            run.write_json("features.json", info, replace=True)
+            atomic_write(root / "features.json", json.dumps(info, indent=2))
         module_cls = cache.HeadClassifier
-    module = module_cls(model, plan, recipe_obj, classes, class_weights=weights,
-                        extra={"preprocess": pre.to_dict()})
-    timer.run = run
-    if recipe_obj.optim.lr == "find":
+    module = module_cls(model, plan, recipe, classes, class_weights=weights, extra={"preprocess": pre.to_dict()})
+    if timer is not None:
+        timer.run = run
+    if recipe.optim.lr == "find":
         lr_find.resolve(run, module, datamodule, t.accelerator)
     with warnings.catch_warnings():
         for noise in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
@@ -176,9 +228,34 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
             raise TrainingStopped(f"stopped; continue with: finetune train --resume {run.path}") from None
         finally:
             os.environ.pop(_RUN_ENV, None)
-    if trainer.global_rank == 0:
-        _finish(run, trainer, best, started, resumed=resume is not None)
-    return run
+    return trainer, best
+
+
+def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: list[str], pre: Preprocess,
+           packed: str | None, progress: bool, callbacks: Iterable[pl.Callback]) -> None:
+    """The second fit, on train + val, into RUN/refit (resumed from its last checkpoint if there is one); the
+    summary then names its last epoch as the final model."""
+    started, root = time.time(), run.path / "refit"
+    summary = run.summary
+    done = summary.get("refit", {})
+    if done.get("epochs") == recipe.train.epochs:
+        return
+    log.info("refit on train + val (%d images), %d epochs", int(items["split"].isin(["train", "val"]).sum()),
+             recipe.train.epochs)
+    both = items.assign(split=items["split"].replace({"val": "train"}))
+    b = recipe.backbone
+    pl.seed_everything(recipe.train.seed, workers=True, verbose=False)
+    model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
+                            in_chans=augment.model_channels(recipe), drop_rate=b.drop_rate)
+    fresh = Plan.from_state_dict({**plan.state_dict(), "adapted": False})
+    last = root / "checkpoints" / "last.ckpt"
+    trainer, _ = _fit_once(run, root, recipe, model, fresh, both, classes, pre, packed,
+                           last if last.is_file() else None, progress, list(callbacks))
+    summary["refit"] = {"images": len(both[both["split"] == "train"]), "epochs": trainer.current_epoch,
+                        "checkpoint": str(last.relative_to(run.path)),
+                        "wall_time_s": round(done.get("wall_time_s", 0.0) + time.time() - started, 1)}
+    summary["final_model"] = "refit"
+    run.write_json("summary.json", summary, replace=True)
 
 
 def _datamodule(packed: str | None):

@@ -8,12 +8,31 @@ import pytest  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
+from finetune.train import REFIT_BELOW  # noqa: E402  (as shipped, before the session's patch)
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_auto_refit():
+    """``train.refit: auto`` would fit every tiny test set twice: the tests' fits (module and session fixtures
+    included) skip it, except in tests marked ``refit``; subprocesses do not see this patch, and
+    ``train.refit: true`` still refits."""
+    import finetune.train
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(finetune.train, "REFIT_BELOW", 0)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _refit_as_shipped(request, monkeypatch):
+    if "refit" in request.keywords:
+        monkeypatch.setattr("finetune.train.REFIT_BELOW", REFIT_BELOW)
 
 
 @pytest.fixture
