@@ -28,6 +28,8 @@ from huggingface_hub import try_to_load_from_cache
 from timm.models import PretrainedCfg, get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
+from .fileio import atomic_write
+
 __all__ = ["DEFAULT_BACKBONE", "WeightsUnavailableError", "create_backbone", "weight_sources"]
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -302,7 +304,6 @@ def _converted_weights(arch: str, package: _Package) -> Path:
             package.layout,
             origin=f"{package.dist} ({source})",
         )
-        from .run import atomic_write  # readers never see a partial file
         atomic_write(target, lambda f: torch.save(state, f))
     return target
 

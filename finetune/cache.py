@@ -27,7 +27,8 @@ from .datamodule import ImageDataModule
 from .freeze import Plan, adapt_bn
 from .module import Classifier
 from .recipe import Recipe
-from .run import atomic_write, load_checkpoint
+from .fileio import atomic_write
+from .run import load_checkpoint
 from .stages import stages
 
 log = logging.getLogger("finetune")

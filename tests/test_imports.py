@@ -64,8 +64,16 @@ def test_no_import_cycle_through_the_inference_modules():
     assert [n for n in sorted(INFERENCE) if on_a_cycle(graph, n)] == []
 
 
-@pytest.mark.xfail(strict=True, reason="core rebuild: backbone -> run -> freeze.hold -> freeze.plan -> domain -> "
-                                       "backbone, through imports inside functions")
+def test_no_import_cycle_but_through_train():
+    """backbone -> run -> freeze.hold -> freeze.plan -> domain -> backbone was a cycle (atomic_write now lives in
+    fileio); the two left both run through train, whose lr-find and pack entry points call back into it."""
+    graph = import_graph()
+    without_train = {n: deps - {"finetune.train"} for n, deps in graph.items() if n != "finetune.train"}
+    assert [n for n in sorted(without_train) if on_a_cycle(without_train, n)] == []
+
+
+@pytest.mark.xfail(strict=True, reason="lr_find.find_only calls train.fit and packed.pack calls train.prepare, "
+                                       "while train imports both (fix in train.py/cli.py)")
 def test_no_import_cycles():
     graph = import_graph()
     assert [n for n in sorted(graph) if on_a_cycle(graph, n)] == []
