@@ -1,13 +1,6 @@
-"""Packed data: the checked images and labels in litdata's optimized format (Lightning's streaming datasets:
-sharded, rank- and worker-aware, local or object storage), one dataset per split, with an index file of the
-classes, items and scan report; and the data module that trains from it.
-
-    DEST/finetune_pack.json   classes, items (path, label, split), the split settings, the scan report
-    DEST/train/, val/, test/  litdata datasets of {"image": the file's bytes, "label": class index, "item": its row}
-
-The files' own bytes are stored, not decoded pixels: nothing is lost or re-encoded, and the reading pipeline
-(read_image, intensity, transforms) is the folder's.
-"""
+"""Packed data: the checked files' own bytes in litdata's streaming format (sharded, rank- and worker-aware, local or
+object storage), ``DEST/{train,val,test}/`` with an index ``DEST/finetune_pack.json`` (classes, items, split settings,
+scan report); and the data module that trains from it with the folder's reading pipeline."""
 from __future__ import annotations
 
 import json
@@ -25,7 +18,7 @@ try:
 except ImportError as e:  # the [scale] extra
     raise ImportError("packed data needs litdata: pip install 'finetune[scale]' (or pip install litdata)") from e
 
-from .data import PACK_INDEX, SPLITS, DataError, ImageDataset, drop_failed
+from .data import PACK_INDEX, SPLITS, DataError, ImageDataset, drop_failed, save_report
 from .datamodule import ImageDataModule
 from .recipe import Recipe
 
@@ -101,13 +94,9 @@ class PackedData:
                         "train.val_fraction/seed/split_groups apply when packing)", self.url, packed["val_fraction"],
                         packed["seed"], packed["groups"])
 
-    def save_report(self, folder: str | os.PathLike) -> None:
+    def save_report(self, folder: str | os.PathLike) -> tuple[Path, Path]:
         """``bad_files.csv`` and ``data_report.txt`` of the scan the pack was made from, into a new run folder."""
-        folder = Path(folder)
-        with open(folder / "bad_files.csv", "x", newline="") as f:
-            self.bad.to_csv(f, index=False)
-        with open(folder / "data_report.txt", "x") as f:
-            f.write(f"Packed data: {self.url}\n\n{self.meta['report']}")
+        return save_report(folder, self.bad, f"Packed data: {self.url}\n\n{self.meta['report']}")
 
 
 class PackedDataModule(ImageDataModule):
