@@ -25,3 +25,8 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], Any
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def finetune_home() -> Path:
+    """``$FINETUNE_HOME``, default ``~/.cache/finetune``: converted weights, cached features, the scan cache."""
+    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune").expanduser()
