@@ -18,9 +18,8 @@ METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "Hi
 
 
 class Explainer:
-    """A predictor's torch model with a CAM on the layer that gives timm's ``forward_features`` (the last stage
-    with its final norm and activation); call it on a batch of preprocessed images to get one map (H, W, values
-    0..1) per image for the class asked (default: the top one)."""
+    """A CAM on the layer that gives timm's ``forward_features`` of a predictor's model; called on a batch of
+    preprocessed images, one map (H, W, 0..1) each for the class asked (default: the top one)."""
 
     def __init__(self, predictor, method: str = "gradcam"):
         cams = require("pytorch_grad_cam", "explain", "class-activation maps (finetune explain)")
@@ -102,19 +101,12 @@ def explain(run: str | Path, paths: Sequence[str | Path], *, method: str = "grad
     from PIL import Image
 
     from .predict import Predictor, expand_paths
-    from .run import next_free
+    from .run import new_folder
     predictor = Predictor.load(run)
     explainer = Explainer(predictor, method)
     files = expand_paths(paths)
     table = predictor.predict_paths(files, top_k=top_k, batch_size=batch_size)
-    if out is None:
-        folder = next_free(Path(run), f"explain-{method.replace('+', 'p')}")
-    else:
-        folder = Path(out)
-        try:
-            folder.mkdir(parents=True)
-        except FileExistsError:
-            raise FileExistsError(f"{folder} exists and is never overwritten; choose another --out") from None
+    folder = new_folder(Path(run), f"explain-{method.replace('+', 'p')}", out)
     targets = [predictor.classes.index(c) for c in table["label_1"]]
     names = []
     for i in range(0, len(files), batch_size):

@@ -1,9 +1,5 @@
-"""Run folders: created once, appended to on resume, read back by evaluate, predict and export.
-
-Layout of ``runs/<name>/``: recipe.yaml (resolved), classes.json, items.csv (every image with its split),
-data_report.txt, bad_files.csv, plan.json and plan.txt, data.json (data config, intensity statistics,
-evaluation pipeline), checkpoints/, logs/version_N/metrics.csv, metrics.csv (one row an epoch), summary.json.
-"""
+"""Run folders (``runs/<name>/``: recipe.yaml, classes.json, items.csv, plan.json, data.json, checkpoints/, logs/,
+summary.json, ...): created once, appended to on resume, read back by evaluate, predict and export."""
 from __future__ import annotations
 
 import json
@@ -38,6 +34,17 @@ def next_free(parent: str | Path, base: str) -> Path:
         except FileExistsError:
             continue
     raise RunError(f"no free folder name for {parent / base}")
+
+
+def new_folder(parent: str | Path, base: str, out: str | Path | None = None) -> Path:
+    """``out`` created (one that exists is an error), or by default the first free ``parent/base[-N]``."""
+    if out is None:
+        return next_free(parent, base)
+    try:
+        (out := Path(out)).mkdir(parents=True)
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists and is never overwritten; choose another --out") from None
+    return out
 
 
 def read_logs(run_path: str | Path) -> pd.DataFrame:
