@@ -15,9 +15,8 @@ from .data import ImageDataset, default_workers, drop_failed
 
 
 class EpochSampler(Sampler):
-    """Shuffled (or class-balanced) indices that depend only on (seed, epoch), each with a per-sample seed for
-    augmentation: an epoch replays identically after a resume, with any number of workers. With ``world`` > 1
-    each rank takes every world-th of one shared order (padded to equal length, as DistributedSampler does)."""
+    """Shuffled (or class-balanced) indices with per-sample augmentation seeds, from (seed, epoch) only, so an epoch
+    replays after a resume; each of ``world`` ranks takes every world-th (padded, as DistributedSampler)."""
 
     def __init__(self, n: int, seed: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
@@ -93,7 +92,7 @@ class ImageDataModule(pl.LightningDataModule):
                           pin_memory=torch.cuda.is_available(), drop_last=False, collate_fn=drop_failed)
 
     def sampler_weights(self) -> np.ndarray | None:
-        """Per training image 1 / its class's count with ``loss.balance: sampler`` (classes drawn equally), else None."""
+        """Per training image 1 / its class's count with ``loss.balance: sampler``, else None."""
         if self.balance != "sampler":
             return None
         labels = self._part("train")["label"]

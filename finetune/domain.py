@@ -1,12 +1,6 @@
-"""Distance to ImageNet, measured: how far target images' activation statistics are from the ones a pretrained
-network's BatchNorm layers hold (ImageNet's), per stage and overall, on a calibrated 0-1 scale.
-
-No ImageNet data is needed: each BN layer's ``running_mean``/``running_var`` are ImageNet's statistics of that
-layer's input. The network runs in eval mode (every layer normalises with ImageNet's statistics, as when the
-model is deployed), hooks collect each BN input's per-channel mean and variance over the target images, and each
-channel's two 1-D Gaussians are compared by the squared Hellinger distance (0 identical, 1 disjoint). The rule
-and the measured scores are in docs/distance.md; ``benchmarks/distance_table.py`` reproduces the calibration.
-"""
+"""Distance to ImageNet: the squared Hellinger distance between each BN input's per-channel statistics on the target
+images (model in eval mode) and the ImageNet statistics the BN layer holds, per stage and overall, calibrated to 0-1
+(docs/distance.md; ``benchmarks/distance_table.py`` reproduces the calibration)."""
 from __future__ import annotations
 
 import random
@@ -24,14 +18,11 @@ __all__ = ["DistanceReport", "DistanceMeter", "distance", "measure_folder", "fol
 
 #: The network the calibration was measured with; ``measure_folder`` uses it unless given another model.
 REFERENCE = "tf_efficientnet_lite0"
-#: raw -> calibrated is ``clip((raw - low) / (high - low), 0, 1)``, measured by benchmarks/distance_table.py
-#: (docs/distance.md) with tf_efficientnet_lite0's packaged ImageNet weights, default recipe, 224 px, 256 images:
-#: ``low`` 0 is raw 0, ImageNet's own statistics; ``high`` puts bccd_cells (stained blood smears, the farthest
-#: shared set) at 0.9, leaving room above for farther data. Other networks have no calibration of their own
-#: and use these constants: their raw scores compare among themselves only.
+#: raw -> ``clip((raw - low) / (high - low), 0, 1)``: raw 0 is ImageNet itself, ``high`` puts bccd_cells (the farthest
+#: shared set) at 0.9 (docs/distance.md); other networks use these constants, so their raw scores compare among
+#: themselves only.
 CALIBRATION = {"tf_efficientnet_lite0": (0.0, 0.2235)}
-#: Images measured by default: from 64 on, the calibrated score varies by 0.015 (sd) between samples and its mean
-#: stays within 0.01 of 256 images' (docs/distance.md); 128 leaves a margin.
+#: Images measured by default: from 64 on the score varies by 0.015 (sd) between samples (docs/distance.md).
 DEFAULT_MAX_IMAGES = 128
 #: Below this many images the pooled statistics miss the between-image spread and the score reads too high.
 MIN_IMAGES = 32
@@ -182,11 +173,8 @@ class DistanceMeter:
 
 def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_size: int = 32,
              max_images: int | None = None) -> DistanceReport:
-    """Distance of ``images`` to ImageNet as ``model``'s BatchNorm statistics see it.
-
-    ``images``: a normalised (N, C, H, W) tensor (see :func:`prepare`) or an iterable of such batches (a
-    DataLoader's ``(x, y)`` batches too). The model runs in eval mode and is left in the mode it came in.
-    """
+    """Distance to ImageNet, as ``model``'s BatchNorm statistics see it, of ``images``: a normalised (N, C, H, W)
+    tensor (see :func:`prepare`) or an iterable of such batches (a DataLoader's ``(x, y)`` batches too)."""
     meter = DistanceMeter(model)
     for x in _batches(images, batch_size):
         if max_images is not None:

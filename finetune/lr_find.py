@@ -1,11 +1,6 @@
-"""``optim.lr: find``: Lightning's learning-rate finder (``Tuner.lr_find``) on the freeze plan's param groups.
-
-The finder sweeps one rate; each group steps at that rate times the plan's multiplier (fixed groups at 0), so
-the rate found is the head's and the backbone keeps its share. The rate chosen is a tenth of the one at the
-lowest loss (fastai's "minimum" rule; Lightning's steepest-gradient suggestion picked 2e-5 on hymenoptera, on the
-flat start of a short, noisy curve: docs/benchmarks-accuracy.md). The curve goes to ``RUN/lr_find.png`` and ``lr_find.csv``, the rate and why
-to ``lr_find.json``, ``plan.txt`` and the log; a resumed run reads the rate back instead of searching again.
-"""
+"""``optim.lr: find``: Lightning's ``Tuner.lr_find`` on the plan's param groups (each at the swept rate times its
+multiplier, so the rate is the head's); a tenth of the rate at the lowest loss (fastai's rule; Lightning's suggestion
+misread short curves: docs/benchmarks-accuracy.md), recorded in ``RUN/lr_find.*`` and read back on resume."""
 from __future__ import annotations
 
 import json

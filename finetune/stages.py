@@ -1,11 +1,5 @@
-"""Stages of any timm model: an ordered list of parameter groups, stem first and the classifier head last.
-
-The grouping is timm's own ``model.group_matcher(coarse=True)``: one group per stage (an EfficientNet's
-``blocks.3``, a ResNet's ``layer2``). timm's layer-wise learning-rate decay (``param_groups_layer_decay``) uses the
-fine grouping (``coarse=False``, one group per block); a freeze decision is per stage, so the plan and its learning-
-rate multipliers use the coarse one. The classifier (``model.get_classifier()``) is always split out as the last
-group, so "head" means exactly the layer a new task replaces.
-"""
+"""Stages of any timm model: timm's ``group_matcher(coarse=True)`` groups (a freeze decision is per stage), stem
+first, with the classifier (``get_classifier()``, the layer a new task replaces) split out as the last group."""
 from __future__ import annotations
 
 from dataclasses import dataclass
