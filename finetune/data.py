@@ -107,12 +107,8 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
          max_bad_fraction: float = 0.2, min_per_class: int = 1, decode: bool | None = True,
          max_pixels: int = MAX_PIXELS, workers: int | None = None, cache: bool = True,
          progress: bool = False) -> Scan:
-    """List and check a dataset's images (``root/<class>/``, ``root/{train,val,test}/<class>/`` or a ``csv`` of
-    ``path,label[,split]`` relative to ``root``), skipping bad files with a reason (docs/reliability.md).
-
-    ``decode=False`` reads headers only (``None``: from HEADER_ONLY_FROM files on); ``cache``: unchanged files are
-    not opened again (scancache). Raises DataError above ``max_bad_fraction`` bad files (sidecar non-images not
-    counted), when nothing usable is left, or at the first bad file if ``strict``."""
+    """List and check the images of ``root/[split/]<class>/`` or a ``csv`` of ``path,label[,split]``, skipping bad
+    files with a reason, or raise DataError when too many are bad (docs/reliability.md; ``decode``: see train.scan)."""
     root, csv = _locate(root, csv)
     warnings: list[str] = []
     if csv is None:
@@ -170,9 +166,8 @@ def is_packed(data: str | os.PathLike | None) -> bool:
 
 def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
           groups: str | Callable[[str], str] | None = None, multilabel: bool = False) -> pd.DataFrame:
-    """A copy of ``items`` with ``split`` filled in: with no 'val' row, a seeded per-class ``val_fraction`` of train
-    moves to val, keeping each of ``groups`` (a column, a callable on the path, or a file-name regex) on one side;
-    multi-label sets by iterative stratification. Depends on the rows' content and the seed only."""
+    """A copy of ``items`` with ``split`` filled in: with no 'val' row, a seeded per-class (or per-label)
+    ``val_fraction`` of train moves to val, each of ``groups`` (column, callable or file-name regex) on one side."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = items.copy()
@@ -259,9 +254,7 @@ def default_workers() -> int:
     (benchmarks/README.md), one worker, none on 2 cores or fewer."""
     import torch
     cores = _cores()
-    if torch.cuda.is_available():
-        return max(0, min(8, cores - 1))
-    return 0 if cores <= 2 else 1
+    return max(0, min(8, cores - 1)) if torch.cuda.is_available() else int(cores > 2)
 
 
 def bad_files_note(bad: pd.DataFrame, listed_in: str | os.PathLike) -> str | None:

@@ -187,9 +187,8 @@ def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_s
 
 def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, size: int | None = None,
             recipe=None) -> torch.Tensor:
-    """Arrays (HxW gray, HxWx3 or HxWx4 RGB(A); uint8/uint16 or float in [0, 1]) as training's evaluation pipeline
-    makes them for ``model`` (default recipe: its data config's resize, centre crop and mean/std, gray copied to
-    RGB); ``size`` overrides the input size."""
+    """Arrays (HxW gray or HxWx3/4 RGB(A); integers or float in [0, 1]) as the evaluation pipeline of ``recipe``
+    (default: the default recipe) makes them for ``model``; ``size`` overrides the input size."""
     from .augment import build_transforms, data_config, read_channels
     from .recipe import Recipe
 
@@ -203,9 +202,8 @@ def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, size: int |
 def measure_folder(root: str | Path | None, recipe=None, *, csv: str | Path | None = None,
                    model: torch.nn.Module | None = None, max_images: int = DEFAULT_MAX_IMAGES, batch_size: int = 32,
                    seed: int = 0) -> DistanceReport:
-    """Distance to ImageNet of a dataset (``finetune distance DATA``): a seeded random sample of ``max_images``
-    files, read and transformed as training's evaluation pipeline does (the recipe's ``image`` settings), measured
-    with ``model`` (default: the reference network the calibration was made with, whatever the recipe trains)."""
+    """Distance to ImageNet of a seeded sample of ``max_images`` of a dataset's files, read as the evaluation pipeline
+    does, measured with ``model`` (default: the calibrated reference network, whatever the recipe trains)."""
     if model is None:
         model = reference_model(recipe)
     return distance(model, folder_batches(root, model, recipe, csv=csv, max_images=max_images,

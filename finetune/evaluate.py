@@ -28,9 +28,8 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
              split: str | None = None, checkpoint: str = "best", batch_size: int = 64, workers: int | None = None,
              tta: bool = False, n_bins: int = 10, n_wrong: int = 16, device: str | None = None,
              report: bool = True) -> Evaluation:
-    """Evaluate a run's checkpoint on ``data`` (an image folder or ``csv``; default: the run's own items) and
-    ``split`` (default: test, else val, else every image) into a new ``RUN/eval-<data>-<split>`` folder; unreadable
-    files go to ``bad_files.csv``, and they and images of the run's training split are noted in ``warnings``."""
+    """Evaluate a run's checkpoint on ``data`` or ``csv`` (default: the run's own items) into a new
+    ``RUN/eval-<data>-<split>`` folder; unreadable files and training images evaluated are noted in ``warnings``."""
     run = run if isinstance(run, Run) else Run.open(run)
     classes = run.classes
     items, name, split, bad = select_items(run, data, csv=csv, split=split)
@@ -120,9 +119,8 @@ def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | 
 
 def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
           n_bins: int = 10) -> tuple[dict, pd.DataFrame, np.ndarray]:
-    """torchmetrics on probabilities (N, C) and true indices (N,): the headline numbers, the per-class table
-    (class, support, predicted, precision, recall, f1) and the confusion matrix (rows: true, columns: predicted).
-    A class with no images gets precision/recall 0 in the table and is left out of the balanced accuracy."""
+    """torchmetrics on probabilities (N, C) and true indices (N,): headline numbers, per-class table and confusion
+    matrix (rows: true); a class without images is left out of the balanced accuracy."""
     c = len(classes)
     top1 = float(MulticlassAccuracy(c, top_k=1, average="micro")(probs, target))
     top5 = float(MulticlassAccuracy(c, top_k=5, average="micro")(probs, target)) if c > 5 else None

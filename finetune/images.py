@@ -62,9 +62,8 @@ class ImageInfo(NamedTuple):
 
 def read_image(path: str | os.PathLike, channels: int = 3, *, max_pixels: int = MAX_PIXELS,
                data: bytes | None = None) -> np.ndarray:
-    """Decode a whole file (or its bytes, ``data``) into an HxWx``channels`` array in its native dtype (uint8, uint16
-    or float32), EXIF-rotated; alpha dropped unless asked for (never in TIFF), gray replicated for 3 channels, RGB
-    to luminance for 1; ImageError otherwise, before decoding when larger than ``max_pixels``."""
+    """Decode a file (or its bytes, ``data``) into HxWx``channels`` uint8, uint16 or float32, EXIF-rotated, alpha
+    dropped unless asked for (kept in TIFF), gray to RGB or RGB to luminance as asked; else ImageError."""
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
     arr, alpha = _read_native(path, max_pixels, data)

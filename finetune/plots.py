@@ -181,9 +181,8 @@ def per_class(table: pd.DataFrame) -> Figure:
 
 
 def confusion(cm: np.ndarray, classes: Sequence[str]) -> Figure:
-    """The confusion matrix twice, counts in every cell: coloured by share of each true class (rows: recall)
-    and by share of each predicted class (columns: precision). With imbalanced classes the two differ: a few
-    errors of a common class are a small share of its row but can be a large share of a rare class's column."""
+    """The confusion matrix twice, counts in every cell, coloured by share of each true class (rows: recall) and of
+    each predicted class (columns: precision), which differ with imbalanced classes."""
     cm = np.asarray(cm)
     n = len(classes)
     side = min(9, 2.6 + 0.75 * n)
