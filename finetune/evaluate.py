@@ -90,8 +90,7 @@ def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | 
     bad = pd.DataFrame(columns=["path", "reason"])
     if data is None and csv is None:
         items = run.items
-        root = os.path.commonpath(items["path"].tolist()) if len(items) else str(run.path)
-        name = Path(root).name
+        name = Path(os.path.commonpath(items["path"].tolist()) if len(items) else run.path).name
     else:
         channels = run.read_json("data.json")["preprocess"]["channels"]
         found = scan(data, csv=csv, channels=channels)

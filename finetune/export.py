@@ -69,8 +69,7 @@ def _example(run, predictor: Predictor, n: int = 4) -> torch.Tensor:
     """A few of the run's own images as the network sees them (real input for tracing and the parity check)."""
     items = run.items
     items = items[items["split"] == "val"] if (items["split"] == "val").any() else items
-    paths = items["path"].head(n).tolist()
-    return torch.stack([predictor.preprocess.load(p, predictor.transform) for p in paths])
+    return torch.stack([predictor.preprocess.load(p, predictor.transform) for p in items["path"].head(n)])
 
 
 def input_spec(pre: Preprocess) -> dict:

@@ -152,20 +152,15 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
     parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>"]
 
     parts.append("<h2>At a glance</h2>")
-    if ev is not None and ev.multilabel:
-        parts.append(_multilabel_section(ev))
-    elif ev is not None:
-        parts.append(_tiles(ev))
-    if ev is None or not ev.multilabel:
-        parts.append("<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes(run, ev)) + "</ul>")
     if ev is not None and not ev.multilabel:
-        parts.append(_picture(ev, "per_class.png"))
-        parts.append("<h3>Per class</h3>" + _per_class_table(ev.per_class) + _eval_heading(ev))
-        parts.append(_picture(ev, "confusion.png") + _picture(ev, "calibration.png"))
-        parts.append(_picture(ev, "wrong.png") + _cams(run, ev))
+        parts += [_tiles(ev), _notes_list(notes(run, ev)), _picture(ev, "per_class.png"),
+                  "<h3>Per class</h3>" + _per_class_table(ev.per_class) + _eval_heading(ev),
+                  _picture(ev, "confusion.png") + _picture(ev, "calibration.png"),
+                  _picture(ev, "wrong.png") + _cams(run, ev)]
     else:
-        parts.append("<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) +
-                     "</code> adds per-class results, the confusion matrix, calibration and the worst mistakes.</p>")
+        parts += [_multilabel_section(ev) if ev is not None else _notes_list(notes(run, ev)),
+                  "<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) + "</code> adds per-class "
+                  "results, the confusion matrix, calibration and the worst mistakes.</p>"]
 
     parts.append("<h2>Data</h2>")
     if run.recipe.train.labels == "multi":
@@ -306,9 +301,13 @@ def _multilabel_section(ev: Evaluation) -> str:
     if m["labels_without_images"]:
         notes.append("No evaluated image carries " + ", ".join(map(_e, m["labels_without_images"])) +
                      ": their scores are left out of the means.")
-    return (_tile_row(tiles) + "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
-            + _picture(ev, "per_label.png") + "<h3>Per label</h3>" + _table(t) + _eval_heading(ev)
-            + _picture(ev, "pr_curves.png") + _picture(ev, "threshold_f1.png") + _picture(ev, "wrong.png"))
+    return (_tile_row(tiles) + _notes_list(notes) + _picture(ev, "per_label.png") + "<h3>Per label</h3>" + _table(t)
+            + _eval_heading(ev) + _picture(ev, "pr_curves.png") + _picture(ev, "threshold_f1.png")
+            + _picture(ev, "wrong.png"))
+
+
+def _notes_list(notes: list[str]) -> str:
+    return "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
 
 
 def _eval_heading(ev: Evaluation) -> str:
@@ -382,8 +381,7 @@ def _cams(run: Run, ev: Evaluation, n_wrong: int = 8, per_class: int = 2) -> str
 
 
 def _figure(data: bytes, caption: str) -> str:
-    b64 = base64.b64encode(data).decode("ascii")
-    return (f"<figure><img src='data:image/png;base64,{b64}' alt='{_e(caption)}'>"
+    return (f"<figure><img src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}' alt='{_e(caption)}'>"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 

@@ -36,8 +36,7 @@ class SizeReport:
 
     def to_string(self, layers: bool = True) -> str:
         """The tables as text, with thousands separators (``layers=False``: stages and totals only)."""
-        size = "x".join(map(str, self.input_size))
-        parts = [f"{self.model_name} at input {size}"]
+        parts = [f"{self.model_name} at input {'x'.join(map(str, self.input_size))}"]
         if layers:
             parts += ["Layers", _fmt(self.layers)]
         return "\n\n".join(parts + ["Stages", _fmt(self.stages), "Totals", _fmt(self.totals)])
@@ -70,8 +69,7 @@ class SizeReport:
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         handles = {h.get_label(): h for ax in fig.axes for h in ax.get_legend_handles_labels()[0]}
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles), fontsize=8)
-        size = "x".join(map(str, self.input_size))
-        fig.suptitle(f"{self.model_name} ({size}): per stage, stacked by layer type")
+        fig.suptitle(f"{self.model_name} ({'x'.join(map(str, self.input_size))}): per stage, stacked by layer type")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)

@@ -34,8 +34,7 @@ def stages(model: torch.nn.Module) -> list[Stage]:
     groups = [g for g in groups if g]
     if head_params:
         groups.append([p for p in names if p in head_params])
-    owner = {p: i for i, g in enumerate(groups) for p in g}
-    modules = _outer_modules(model, owner, len(groups))
+    modules = _outer_modules(model, {p: i for i, g in enumerate(groups) for p in g}, len(groups))
     out = []
     for i, g in enumerate(groups):
         kind = "head" if head_params and i == len(groups) - 1 else ("stem" if i == 0 else "stage")
