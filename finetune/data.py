@@ -411,11 +411,9 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels,
     key = pd.Series([os.path.normcase(p) for p in rows["path"]])
     for _, group in key[~drop & key.duplicated(keep=False).to_numpy()].groupby(key, sort=False):
         idx = group.index.to_numpy()
-        first = idx[0]
-        same = rows["label"].iloc[idx].nunique() == 1 and rows["split"].iloc[idx].str.lower().nunique() == 1
-        if same:
+        if rows["label"].iloc[idx].nunique() == 1 and rows["split"].iloc[idx].str.lower().nunique() == 1:
             for i in idx[1:]:
-                mark(i, f"duplicate: same file as line {lines[first]}{where[i]}" if lines[first] else "duplicate")
+                mark(i, f"duplicate: same file as line {lines[idx[0]]}{where[i]}" if lines[idx[0]] else "duplicate")
         else:
             found = ", ".join(rows["label"].iat[i] + (f" ({rows['split'].iat[i]})" if rows["split"].iat[i] else "")
                               for i in idx)

@@ -122,11 +122,9 @@ class ImageDataModule(pl.LightningDataModule):
     def class_weights(self) -> torch.Tensor:
         """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``; multi-label: BCE positive weights
         (negatives over positives per label)."""
+        classes, labels = sorted(self.class_to_idx, key=self.class_to_idx.get), self._part("train")["label"]
         if self.multi:
-            classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
-            return multilabel.pos_weight(multilabel.matrix(self._part("train")["label"], classes))
-        counts = self._part("train")["label"].value_counts()
-        freq = torch.tensor([counts.get(c, 0) for c in sorted(self.class_to_idx, key=self.class_to_idx.get)],
-                            dtype=torch.float)
-        w = 1.0 / freq.clamp(min=1)
+            return multilabel.pos_weight(multilabel.matrix(labels, classes))
+        counts = labels.value_counts().reindex(classes, fill_value=0).to_numpy()
+        w = 1.0 / torch.tensor(counts, dtype=torch.float).clamp(min=1)
         return w * len(w) / w.sum()

@@ -225,7 +225,8 @@ def folder_batches(root: str | Path | None, model: torch.nn.Module, recipe=None,
     evaluation pipeline of ``recipe`` makes them for ``model``; files that fail to decode are left out."""
     from . import augment
     from .data import scan
-    from .images import ImageError, dataset_percentiles, read_image, to_unit_float
+    from .images import ImageError, dataset_percentiles
+    from .preprocess import Pipeline, Preprocess
     from .recipe import Recipe
 
     recipe = recipe or Recipe()
@@ -234,17 +235,16 @@ def folder_batches(root: str | Path | None, model: torch.nn.Module, recipe=None,
                  max_bad_fraction=recipe.train.max_bad_fraction).items["path"].tolist()
     random.Random(seed).shuffle(paths)
     paths = paths[:max_images]
-    stats = None
-    if im.intensity == "dataset":
-        stats = dataset_percentiles(paths, channels, im.percentiles, max_pixels=im.max_pixels)
-    tf = augment.build_transforms(recipe, augment.data_config(recipe, model), train=False)
+    stats = dataset_percentiles(paths, channels, im.percentiles, max_pixels=im.max_pixels) \
+        if im.intensity == "dataset" else None
+    pre = Preprocess(channels, im.intensity, im.percentiles, stats, im.max_pixels)
+    tf = Pipeline(augment.build_transforms(recipe, augment.data_config(recipe, model), train=False))
 
     def load(path: str) -> torch.Tensor | None:
         try:
-            img = read_image(path, channels, max_pixels=im.max_pixels)
+            return pre.load(path, tf)
         except ImageError:  # scan read headers only: a truncated file shows up here
             return None
-        return tf(image=to_unit_float(img, im.intensity, im.percentiles, stats))["image"]
 
     for i in range(0, len(paths), batch_size):
         xs = [x for x in map(load, paths[i:i + batch_size]) if x is not None]

@@ -346,10 +346,8 @@ def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
     if len(arrays) > 1:
         arr = np.stack(arrays, axis=-1)
     else:
-        arr = arrays[0]
         extra = [a for a in axes if a not in "YX"]
-        order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in extra]
-        arr = arr.transpose(order)
+        arr = arrays[0].transpose([axes.index(a) for a in ("Y", "X", *extra)])
         arr = arr if extra else arr[..., None]
     return np.ascontiguousarray(_native_dtype(arr)), False
 
