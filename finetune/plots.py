@@ -135,8 +135,7 @@ def class_counts(items: pd.DataFrame, classes: Sequence[str]) -> Figure:
         ax.bar_label(bars, labels=[f"{v} ({v / max(1, vals.sum()):.0%})" for v in vals], fontsize=8, padding=2)
     ax.set_yticks(y, list(classes))
     ax.invert_yaxis()
-    ax.set_xlabel("images")
-    ax.set_xlim(0, table.to_numpy().max() * 1.25 + 1)
+    ax.set(xlabel="images", xlim=(0, table.to_numpy().max() * 1.25 + 1))
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"Images per class and split{_imbalance_note(table[splits[0]])}", fontsize=11)
     return fig
@@ -163,8 +162,8 @@ def per_class(table: pd.DataFrame) -> Figure:
         bars = ax_n.barh(y - 0.2 + 0.4 * i, table[col], height=0.4, label=label,
                          color=SPLIT_COLORS["train" if col == "n_train" else "eval"])
         ax_n.bar_label(bars, fontsize=8, padding=2)
-    ax_n.set_xlim(0, max(1, table[[c for c in ("n_train", "support") if c in table]].to_numpy().max()) * 1.25)
-    ax_n.set(title="images per class", xlabel="images")
+    ax_n.set(title="images per class", xlabel="images",
+             xlim=(0, max(1, table[[c for c in ("n_train", "support") if c in table]].to_numpy().max()) * 1.25))
     ax_n.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
     ax_n.set_yticks(y, classes)
     ax_n.invert_yaxis()
