@@ -20,7 +20,7 @@ from common import DATASETS
 import pytorch_lightning as pl  # noqa: E402
 
 from finetune import fit  # noqa: E402
-from finetune.packed import pack  # noqa: E402
+from finetune.pack import pack  # noqa: E402
 from finetune.recipe import load_recipe  # noqa: E402
 
 DDP = '''

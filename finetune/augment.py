@@ -1,9 +1,5 @@
-"""Augmentation pipelines from a recipe: the backbone's data config, albumentations transforms, JSON save/load.
-
-This is the only module that imports albumentations. Pipelines take a float32 HxWxC image in [0, 1] (the data
-module reads and scales intensities first) and return a CHW float tensor; they are saved with albumentations'
-own ``to_dict``/``from_dict`` so a trained or exported model predicts with exactly what it was trained with.
-"""
+"""Augmentation pipelines from a recipe (the only module that imports albumentations): float32 HxWxC in [0, 1] to a
+CHW tensor, saved with albumentations' ``to_dict`` so a model predicts with exactly what it was trained with."""
 from __future__ import annotations
 
 import difflib
@@ -60,7 +56,7 @@ def read_channels(recipe: Recipe) -> int:
 
 
 def data_config(recipe: Recipe, model: torch.nn.Module) -> dict:
-    """timm's data config for ``model`` (input_size, mean, std, crop_pct, interpolation) with non-null image.* applied."""
+    """timm's data config for ``model`` (input_size, mean, std, crop_pct, interpolation), non-null image.* applied."""
     from timm.data import resolve_model_data_config
 
     timm_cfg = resolve_model_data_config(model)
@@ -86,7 +82,7 @@ def data_config(recipe: Recipe, model: torch.nn.Module) -> dict:
 
 
 def build_transforms(recipe: Recipe, config: dict, train: bool) -> A.Compose:
-    """Train: crop, the recipe's transforms, normalise. Eval: resize (and centre crop), normalise. Output: CHW tensor."""
+    """Train: crop, the recipe's transforms, normalise. Eval: resize (and centre crop), normalise. Out: CHW tensor."""
     source = f"recipe '{recipe.name}'"
     _, h, w = config["input_size"]
     interp = _interpolation(config["interpolation"], source)
@@ -108,11 +104,8 @@ def build_transforms(recipe: Recipe, config: dict, train: bool) -> A.Compose:
 
 
 def check_transforms(recipe: Recipe, source: str = "recipe") -> None:
-    """Fail early, naming the entry, on unknown transform names, bad arguments, or transforms that cannot run here.
-
-    Each transform is built, then run once (p=1) on a float32 image of the recipe's size and channel count, because
-    albumentations only finds out at call time that, say, ColorJitter takes 1 or 3 channels.
-    """
+    """Fail early, naming the entry, on unknown transforms, bad arguments, or transforms that cannot run here: each
+    runs once on a float32 image of the recipe's size and channels (albumentations checks channels only then)."""
     aug, im = recipe.augment, recipe.image
     lo, hi = aug.crop_ratio
     if not 0 < lo <= hi:
@@ -163,7 +156,7 @@ def _interpolation(name: str, source: str) -> int:
 
 
 def _make(spec: dict, where: str, source: str) -> Any:
-    """Build one ``{name: Class, arg: value}`` entry; a OneOf/SomeOf/Sequential lists its children under 'transforms'."""
+    """Build one ``{name: Class, arg: value}`` entry; a OneOf/SomeOf/Sequential lists children under 'transforms'."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise RecipeError(f"{source}: '{where}' = {spec!r} needs a 'name' (an albumentations class)")
     kwargs = dict(spec)

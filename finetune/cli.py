@@ -399,7 +399,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .packed import pack
+    from .pack import pack
     recipe = _load_recipe(args)
     if args.scan:
         recipe = recipe.override({"train.scan": args.scan})
@@ -419,7 +419,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
-    from .lr_find import find_only
+    from .train import find_only
     sets = [*args.overrides, *([f"backbone.name={args.backbone}"] if args.backbone else [])]
     run, found = find_only(args.data, args.recipe, csv=args.csv, out=args.out, overrides=sets)
     print(f"{found['reason']}\ncurve: {run.path / 'lr_find.png'}\ntrain with it: --lr {found['lr']:.3g} "

@@ -24,7 +24,7 @@ from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check
 if TYPE_CHECKING:  # torch is imported where a dataset is read: a (cached) scan need not wait seconds for it
     import torch
 
-__all__ = ["DataError", "ImageDataset", "PACK_INDEX", "SCAN_MODES", "SPLITS", "Scan", "bad_files_note",
+__all__ = ["DataError", "ImageDataset", "PACK_INDEX", "SCAN_MODES", "SPLITS", "Scan", "bad_files_note", "counts_table",
            "default_workers", "drop_failed", "is_packed", "record_skipped", "scan", "split"]
 
 SPLITS = ("train", "val", "test")
@@ -65,13 +65,7 @@ class Scan:
         if self.multilabel:
             lines.append(multilabel.counts_report(self.items, self.classes))
         else:
-            splits = self.items["split"].replace("", "unsplit")
-            table = pd.crosstab(self.items["label"], splits).reindex(index=self.classes, fill_value=0)
-            table = table[[s for s in (*SPLITS, "unsplit") if s in table.columns]]
-            table["total"] = table.sum(axis=1)
-            table.loc["total"] = table.sum(axis=0)
-            table.index.name, table.columns.name = "class", None
-            lines += [table.to_string(), ""]
+            lines += [counts_table(self.items, self.classes).to_string(), ""]
         info = self.image_info
         if len(info):
             dtypes = ", ".join(f"{k} ({v})" for k, v in info["dtype"].value_counts().items())
@@ -91,17 +85,21 @@ class Scan:
 
     def save_report(self, folder: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``bad_files.csv`` and ``data_report.txt`` into ``folder``; refuses to overwrite either."""
-        folder = Path(folder)
-        paths = folder / "bad_files.csv", folder / "data_report.txt"
-        for p in paths:
-            if p.exists():
-                raise FileExistsError(f"{p} exists: save_report writes into a new run folder only")
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(paths[0], "x", newline="") as f:
-            self.bad.to_csv(f, index=False)
-        with open(paths[1], "x") as f:
-            f.write(self.report())
-        return paths
+        return save_report(folder, self.bad, self.report())
+
+
+def save_report(folder: str | os.PathLike, bad: pd.DataFrame, report: str) -> tuple[Path, Path]:
+    """``bad`` as ``bad_files.csv`` and ``report`` as ``data_report.txt`` in ``folder``, neither overwritten."""
+    paths = Path(folder) / "bad_files.csv", Path(folder) / "data_report.txt"
+    for p in paths:
+        if p.exists():
+            raise FileExistsError(f"{p} exists: save_report writes into a new run folder only")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(paths[0], "x", newline="") as f:
+        bad.to_csv(f, index=False)
+    with open(paths[1], "x") as f:
+        f.write(report)
+    return paths
 
 
 def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None, channels: int = 3,
@@ -109,21 +107,8 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
          max_bad_fraction: float = 0.2, min_per_class: int = 1, decode: bool | None = True,
          max_pixels: int = MAX_PIXELS, workers: int | None = None, cache: bool = True,
          progress: bool = False) -> Scan:
-    """List a dataset's images and check each one, skipping bad files with a reason.
-
-    Layouts: ``root/<class>/...`` (sub-folders searched too), ``root/{train,val,test}/<class>/...`` (splits used as
-    given), or ``csv`` with columns ``path,label[,split]``; CSV paths are relative to ``root``, or to the CSV's
-    folder when ``root`` is None, and a relative ``csv`` not found from the working folder is looked up in ``root``.
-    Absolute CSV paths are taken as written; relative ones and symlinks that lead out of ``root`` are bad unless
-    ``allow_outside``. Hidden files and OS litter are ignored silently. ``decode=False`` reads headers only (fast,
-    but truncated files pass: the training loader skips and records them); ``None`` does so from HEADER_ONLY_FROM
-    files on. Results are cached by path, size and modification time (``cache``, see scancache), so unchanged files
-    are not opened again; ``progress`` shows a bar on long scans. ``labels`` fixes the class list; other labels are
-    bad. Classes with fewer than ``min_per_class`` images are left out with a warning. Raises DataError when more
-    than ``max_bad_fraction`` of the files are bad (files with a non-image extension that are not images are
-    listed but not counted: sidecar .txt/.json files are common), when nothing usable is left, and at the first
-    bad file if ``strict``.
-    """
+    """List and check the images of ``root/[split/]<class>/`` or a ``csv`` of ``path,label[,split]``, skipping bad
+    files with a reason, or raise DataError when too many are bad (docs/reliability.md; ``decode``: see train.scan)."""
     root, csv = _locate(root, csv)
     warnings: list[str] = []
     if csv is None:
@@ -141,13 +126,12 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     info = pd.DataFrame([r for r in checked if isinstance(r, tuple)],
                         columns=["path", "width", "height", "channels", "dtype"])
 
-    counted = sum(1 for p, r in bad if not _sidecar(p, r))
-    total = len(good) + counted
-    if counted and counted / total > max_bad_fraction:
-        held = [(p, r) for p, r in bad if not _sidecar(p, r)]
-        raise DataError(f"{counted} of {total} files under {root} are bad ({counted / total:.0%} > max_bad_fraction "
-                        f"{max_bad_fraction:g}): {_bad_summary(held, root)}\nFix or remove them, or raise "
-                        f"train.max_bad_fraction if skipping them is fine.")
+    held = [(p, r) for p, r in bad if not _sidecar(p, r)]
+    total = len(good) + len(held)
+    if held and len(held) / total > max_bad_fraction:
+        raise DataError(f"{len(held)} of {total} files under {root} are bad ({len(held) / total:.0%} > "
+                        f"max_bad_fraction {max_bad_fraction:g}): {_bad_summary(held, root)}\nFix or remove them, or "
+                        f"raise train.max_bad_fraction if skipping them is fine.")
     if not len(good):
         raise DataError(f"no usable images under {root}: expected one sub-folder per class (root/<class>/image.png), "
                         f"train/ and val/ folders of such, or csv= with path,label[,split]"
@@ -164,6 +148,16 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
                 {c: i for i, c in enumerate(classes)}, warnings, info, multi)
 
 
+def counts_table(items: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Images per class (rows, then 'total') and split (columns, then 'total')."""
+    table = pd.crosstab(items["label"], items["split"].replace("", "unsplit")).reindex(index=classes, fill_value=0)
+    table = table[[s for s in (*SPLITS, "unsplit") if s in table.columns]]
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    table.index.name, table.columns.name = "class", None
+    return table
+
+
 def is_packed(data: str | os.PathLike | None) -> bool:
     """Whether ``data`` was written by ``finetune pack``: a folder with its index file, or any URL (s3://...), as
     image folders are local."""
@@ -172,13 +166,8 @@ def is_packed(data: str | os.PathLike | None) -> bool:
 
 def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
           groups: str | Callable[[str], str] | None = None, multilabel: bool = False) -> pd.DataFrame:
-    """A copy of ``items`` with ``split`` filled in: rows marked val/test keep their split; if no row is 'val',
-    a seeded, per-class share of ``val_fraction`` of the train rows moves to val (each class with >= 2 images gets
-    at least one, a single-image class stays in train). ``groups`` (a column, a callable on the path, or a regex
-    searched in the file name whose first group, or whole match, names the group) keeps each group on one side.
-    The result depends only on the rows' content and the seed, not their order. ``multilabel`` label sets are
-    split by iterative stratification (every label's share on both sides); groups then win over labels.
-    """
+    """A copy of ``items`` with ``split`` filled in: with no 'val' row, a seeded per-class (or per-label)
+    ``val_fraction`` of train moves to val, each of ``groups`` (column, callable or file-name regex) on one side."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = items.copy()
@@ -197,11 +186,8 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
 
 
 class ImageDataset:
-    """A map-style dataset (what torch's DataLoader takes): ``(tensor, label_index)`` per row of ``items``
-    (``multi``: a 0/1 float vector of the labels): read_image, then ``intensity`` (default
-    ``to_unit_float(mode='range')``) to float32 in [0, 1], then ``transform`` (default: HxWxC -> CxHxW tensor).
-    With ``skipped`` (a CSV path), a file that fails to read is appended there and returned as its ImageError,
-    which :func:`drop_failed` leaves out of the batch; without, the error is raised."""
+    """``(tensor, label_index)`` (``multi``: a 0/1 vector) per row of ``items``: read, ``intensity``, ``transform``.
+    With ``skipped`` (a CSV) a failed read is recorded there and returned as its ImageError (see drop_failed)."""
 
     def __init__(self, items: pd.DataFrame, class_to_idx: dict[str, int], channels: int = 3,
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None,
@@ -212,8 +198,7 @@ class ImageDataset:
         if unknown:
             raise DataError(f"labels {unknown[:5]} are not in the class map {list(class_to_idx)[:10]}: "
                             f"build class_to_idx from the same scan as the items")
-        # numpy arrays, not lists of str: DataLoader workers then share the pages instead of copying them
-        self.paths = items["path"].to_numpy(dtype=str)
+        self.paths = items["path"].to_numpy(dtype=str)  # numpy, not a list of str: loader workers share the pages
         self.targets = (multilabel.matrix(items["label"], sorted(class_to_idx, key=class_to_idx.get)) if multi else
                         np.array([class_to_idx[c] for c in items["label"]], dtype=np.int64))
         self.channels, self.transform, self.intensity, self.max_pixels = channels, transform, intensity, max_pixels
@@ -229,7 +214,7 @@ class ImageDataset:
         """The class index, or a multi-label image's 0/1 vector (the loader's collate makes it a tensor)."""
         return int(self.targets[index]) if self.targets.ndim == 1 else self.targets[index]
 
-    def sample(self, path: str, target: int | np.ndarray, data: bytes | None = None) -> tuple[torch.Tensor, int] | ImageError:
+    def sample(self, path: str, target: int | np.ndarray, data: bytes | None = None) -> tuple | ImageError:
         """One image (from ``data``, its bytes, if given) read, scaled and transformed, or its recorded error."""
         try:
             img = read_image(path, self.channels, max_pixels=self.max_pixels, data=data)
@@ -265,14 +250,11 @@ def drop_failed(batch: list) -> Any:
 
 
 def default_workers() -> int:
-    """Loader processes. With a GPU, decoding limits the speed: every core but one (at most 8). On the CPU the model
-    trains 10-60x slower than one process decodes and augments (benchmarks/README.md): one worker, and none on 2
-    cores or fewer, where it would only take a core from the model's threads."""
+    """Loader processes: with a GPU every core but one (at most 8); on the CPU, where the model is the bottleneck
+    (benchmarks/README.md), one worker, none on 2 cores or fewer."""
     import torch
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.cuda.is_available():
-        return max(0, min(8, cores - 1))
-    return 0 if cores <= 2 else 1
+    cores = _cores()
+    return max(0, min(8, cores - 1)) if torch.cuda.is_available() else int(cores > 2)
 
 
 def bad_files_note(bad: pd.DataFrame, listed_in: str | os.PathLike) -> str | None:
@@ -429,11 +411,9 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels,
     key = pd.Series([os.path.normcase(p) for p in rows["path"]])
     for _, group in key[~drop & key.duplicated(keep=False).to_numpy()].groupby(key, sort=False):
         idx = group.index.to_numpy()
-        first = idx[0]
-        same = rows["label"].iloc[idx].nunique() == 1 and rows["split"].iloc[idx].str.lower().nunique() == 1
-        if same:
+        if rows["label"].iloc[idx].nunique() == 1 and rows["split"].iloc[idx].str.lower().nunique() == 1:
             for i in idx[1:]:
-                mark(i, f"duplicate: same file as line {lines[first]}{where[i]}" if lines[first] else "duplicate")
+                mark(i, f"duplicate: same file as line {lines[idx[0]]}{where[i]}" if lines[idx[0]] else "duplicate")
         else:
             found = ", ".join(rows["label"].iat[i] + (f" ({rows['split'].iat[i]})" if rows["split"].iat[i] else "")
                               for i in idx)
@@ -487,7 +467,7 @@ def _examine_all(paths: list[str], decode: bool, max_pixels: int, workers: int |
                  stop: bool) -> list:
     """images.examine on every path: threads for a few files, processes on every core for many (decoding
     holds the GIL for part of each file); a progress bar on long scans; ``stop`` ends at the first bad file."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     many = len(paths) >= _PROCESSES_FROM and cores > 1
     if many:
         # fork as DataLoader workers do: a spawned or forkserver child would re-run an unguarded user script
@@ -509,6 +489,10 @@ def _examine_all(paths: list[str], decode: bool, max_pixels: int, workers: int |
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _strict_error(path: str, reason: str) -> DataError:
@@ -601,8 +585,7 @@ def _group_keys(pool: pd.DataFrame, groups) -> pd.Series:
 
 def _grouped(pool: pd.DataFrame, keys: pd.Series, fraction: float, seed: int, tries: int = 32) -> list:
     """Whole groups move in or out of val, in a seeded order, while that brings the classes closer to their
-    targets; the best of ``tries`` orders wins. Train keeps at least one image of each class; a class that lies in one
-    group only cannot be validated."""
+    targets (train keeps one image of each class); the best of ``tries`` orders wins."""
     table = pd.crosstab(keys, pool["label"])  # groups x classes, both sorted
     counts = table.to_numpy()
     n = counts.sum(axis=0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,9 +16,8 @@ from .data import ImageDataset, default_workers, drop_failed
 
 
 class EpochSampler(Sampler):
-    """Shuffled (or class-balanced) indices that depend only on (seed, epoch), each with a per-sample seed for
-    augmentation: an epoch replays identically after a resume, with any number of workers. With ``world`` > 1
-    each rank takes every world-th of one shared order (padded to equal length, as DistributedSampler does)."""
+    """Shuffled (or class-balanced) indices with per-sample augmentation seeds, from (seed, epoch) only, so an epoch
+    replays after a resume; each of ``world`` ranks takes every world-th (padded, as DistributedSampler)."""
 
     def __init__(self, n: int, seed: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
@@ -93,7 +93,7 @@ class ImageDataModule(pl.LightningDataModule):
                           pin_memory=torch.cuda.is_available(), drop_last=False, collate_fn=drop_failed)
 
     def sampler_weights(self) -> np.ndarray | None:
-        """Per training image 1 / its class's count with ``loss.balance: sampler`` (classes drawn equally), else None."""
+        """Per training image 1 / its class's count with ``loss.balance: sampler``, else None."""
         if self.balance != "sampler":
             return None
         labels = self._part("train")["label"]
@@ -123,11 +123,9 @@ class ImageDataModule(pl.LightningDataModule):
     def class_weights(self) -> torch.Tensor:
         """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``; multi-label: BCE positive weights
         (negatives over positives per label)."""
+        classes, labels = sorted(self.class_to_idx, key=self.class_to_idx.get), self._part("train")["label"]
         if self.multi:
-            classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
-            return multilabel.pos_weight(multilabel.matrix(self._part("train")["label"], classes))
-        counts = self._part("train")["label"].value_counts()
-        freq = torch.tensor([counts.get(c, 0) for c in sorted(self.class_to_idx, key=self.class_to_idx.get)],
-                            dtype=torch.float)
-        w = 1.0 / freq.clamp(min=1)
+            return multilabel.pos_weight(multilabel.matrix(labels, classes))
+        counts = labels.value_counts().reindex(classes, fill_value=0).to_numpy()
+        w = 1.0 / torch.tensor(counts, dtype=torch.float).clamp(min=1)
         return w * len(w) / w.sum()

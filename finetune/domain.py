@@ -1,12 +1,6 @@
-"""Distance to ImageNet, measured: how far target images' activation statistics are from the ones a pretrained
-network's BatchNorm layers hold (ImageNet's), per stage and overall, on a calibrated 0-1 scale.
-
-No ImageNet data is needed: each BN layer's ``running_mean``/``running_var`` are ImageNet's statistics of that
-layer's input. The network runs in eval mode (every layer normalises with ImageNet's statistics, as when the
-model is deployed), hooks collect each BN input's per-channel mean and variance over the target images, and each
-channel's two 1-D Gaussians are compared by the squared Hellinger distance (0 identical, 1 disjoint). The rule
-and the measured scores are in docs/distance.md; ``benchmarks/distance_table.py`` reproduces the calibration.
-"""
+"""Distance to ImageNet: the squared Hellinger distance between each BN input's per-channel statistics on the target
+images (model in eval mode) and the ImageNet statistics the BN layer holds, per stage and overall, calibrated to 0-1
+(docs/distance.md; ``benchmarks/distance_table.py`` reproduces the calibration)."""
 from __future__ import annotations
 
 import random
@@ -24,14 +18,11 @@ __all__ = ["DistanceReport", "DistanceMeter", "distance", "measure_folder", "fol
 
 #: The network the calibration was measured with; ``measure_folder`` uses it unless given another model.
 REFERENCE = "tf_efficientnet_lite0"
-#: raw -> calibrated is ``clip((raw - low) / (high - low), 0, 1)``, measured by benchmarks/distance_table.py
-#: (docs/distance.md) with tf_efficientnet_lite0's packaged ImageNet weights, default recipe, 224 px, 256 images:
-#: ``low`` 0 is raw 0, ImageNet's own statistics; ``high`` puts bccd_cells (stained blood smears, the farthest
-#: shared set) at 0.9, leaving room above for farther data. Other networks have no calibration of their own
-#: and use these constants: their raw scores compare among themselves only.
+#: raw -> ``clip((raw - low) / (high - low), 0, 1)``: raw 0 is ImageNet itself, ``high`` puts bccd_cells (the farthest
+#: shared set) at 0.9 (docs/distance.md); other networks use these constants, so their raw scores compare among
+#: themselves only.
 CALIBRATION = {"tf_efficientnet_lite0": (0.0, 0.2235)}
-#: Images measured by default: from 64 on, the calibrated score varies by 0.015 (sd) between samples and its mean
-#: stays within 0.01 of 256 images' (docs/distance.md); 128 leaves a margin.
+#: Images measured by default: from 64 on the score varies by 0.015 (sd) between samples (docs/distance.md).
 DEFAULT_MAX_IMAGES = 128
 #: Below this many images the pooled statistics miss the between-image spread and the score reads too high.
 MIN_IMAGES = 32
@@ -182,11 +173,8 @@ class DistanceMeter:
 
 def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_size: int = 32,
              max_images: int | None = None) -> DistanceReport:
-    """Distance of ``images`` to ImageNet as ``model``'s BatchNorm statistics see it.
-
-    ``images``: a normalised (N, C, H, W) tensor (see :func:`prepare`) or an iterable of such batches (a
-    DataLoader's ``(x, y)`` batches too). The model runs in eval mode and is left in the mode it came in.
-    """
+    """Distance to ImageNet, as ``model``'s BatchNorm statistics see it, of ``images``: a normalised (N, C, H, W)
+    tensor (see :func:`prepare`) or an iterable of such batches (a DataLoader's ``(x, y)`` batches too)."""
     meter = DistanceMeter(model)
     for x in _batches(images, batch_size):
         if max_images is not None:
@@ -199,9 +187,8 @@ def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_s
 
 def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, size: int | None = None,
             recipe=None) -> torch.Tensor:
-    """Arrays (HxW gray, HxWx3 or HxWx4 RGB(A); uint8/uint16 or float in [0, 1]) as training's evaluation pipeline
-    makes them for ``model`` (default recipe: its data config's resize, centre crop and mean/std, gray copied to
-    RGB); ``size`` overrides the input size."""
+    """Arrays (HxW gray or HxWx3/4 RGB(A); integers or float in [0, 1]) as the evaluation pipeline of ``recipe``
+    (default: the default recipe) makes them for ``model``; ``size`` overrides the input size."""
     from .augment import build_transforms, data_config, read_channels
     from .recipe import Recipe
 
@@ -215,9 +202,8 @@ def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, size: int |
 def measure_folder(root: str | Path | None, recipe=None, *, csv: str | Path | None = None,
                    model: torch.nn.Module | None = None, max_images: int = DEFAULT_MAX_IMAGES, batch_size: int = 32,
                    seed: int = 0) -> DistanceReport:
-    """Distance to ImageNet of a dataset (``finetune distance DATA``): a seeded random sample of ``max_images``
-    files, read and transformed as training's evaluation pipeline does (the recipe's ``image`` settings), measured
-    with ``model`` (default: the reference network the calibration was made with, whatever the recipe trains)."""
+    """Distance to ImageNet of a seeded sample of ``max_images`` of a dataset's files, read as the evaluation pipeline
+    does, measured with ``model`` (default: the calibrated reference network, whatever the recipe trains)."""
     if model is None:
         model = reference_model(recipe)
     return distance(model, folder_batches(root, model, recipe, csv=csv, max_images=max_images,
@@ -239,7 +225,8 @@ def folder_batches(root: str | Path | None, model: torch.nn.Module, recipe=None,
     evaluation pipeline of ``recipe`` makes them for ``model``; files that fail to decode are left out."""
     from . import augment
     from .data import scan
-    from .images import ImageError, dataset_percentiles, read_image, to_unit_float
+    from .images import ImageError, dataset_percentiles
+    from .preprocess import Pipeline, Preprocess
     from .recipe import Recipe
 
     recipe = recipe or Recipe()
@@ -248,17 +235,16 @@ def folder_batches(root: str | Path | None, model: torch.nn.Module, recipe=None,
                  max_bad_fraction=recipe.train.max_bad_fraction).items["path"].tolist()
     random.Random(seed).shuffle(paths)
     paths = paths[:max_images]
-    stats = None
-    if im.intensity == "dataset":
-        stats = dataset_percentiles(paths, channels, im.percentiles, max_pixels=im.max_pixels)
-    tf = augment.build_transforms(recipe, augment.data_config(recipe, model), train=False)
+    stats = dataset_percentiles(paths, channels, im.percentiles, max_pixels=im.max_pixels) \
+        if im.intensity == "dataset" else None
+    pre = Preprocess(channels, im.intensity, im.percentiles, stats, im.max_pixels)
+    tf = Pipeline(augment.build_transforms(recipe, augment.data_config(recipe, model), train=False))
 
     def load(path: str) -> torch.Tensor | None:
         try:
-            img = read_image(path, channels, max_pixels=im.max_pixels)
+            return pre.load(path, tf)
         except ImageError:  # scan read headers only: a truncated file shows up here
             return None
-        return tf(image=to_unit_float(img, im.intensity, im.percentiles, stats))["image"]
 
     for i in range(0, len(paths), batch_size):
         xs = [x for x in map(load, paths[i:i + batch_size]) if x is not None]

@@ -1,7 +1,5 @@
-"""``evaluate``: a trained run on labelled images: top-1/top-5 error, per-class precision/recall/F1, confusion
-matrix, calibration, the most confidently wrong images and the training curves, in a new folder of the run
-(``RUN/eval-<data>-<split>/``, numbered rather than overwritten) with an HTML report of it all.
-"""
+"""``evaluate``: a trained run on labelled images: errors, per-class scores, confusion matrix, calibration, the most
+confidently wrong images and the training curves, in a new ``RUN/eval-<data>-<split>/`` with an HTML report."""
 from __future__ import annotations
 
 import json
@@ -30,14 +28,8 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
              split: str | None = None, checkpoint: str = "final", batch_size: int = 64, workers: int | None = None,
              tta: bool = False, n_bins: int = 10, n_wrong: int = 16, device: str | None = None,
              report: bool = True) -> Evaluation:
-    """Evaluate a run's checkpoint on ``data`` (an image folder or ``csv``; default: the run's own test split,
-    else its val split) and write everything into a new ``RUN/eval-<data>-<split>`` folder.
-
-    ``split`` picks train/val/test of the data (default: test if there is one, else val, else every image).
-    Images are read by ``workers`` loader processes (default: :func:`finetune.data.default_workers`). Files that
-    cannot be read are skipped and listed in ``bad_files.csv``; images of the run's own training split are
-    counted, and both are noted in ``warnings``.
-    """
+    """Evaluate a run's checkpoint on ``data`` or ``csv`` (default: the run's own items) into a new
+    ``RUN/eval-<data>-<split>`` folder; unreadable files and training images evaluated are noted in ``warnings``."""
     run = run if isinstance(run, Run) else Run.open(run)
     classes = run.classes
     items, name, split, bad = select_items(run, data, csv=csv, split=split)
@@ -52,14 +44,15 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         items, probs = items[keep].reset_index(drop=True), probs[torch.from_numpy(keep)]
     if not len(items):
         raise ValueError(f"none of the images of {name} ({split}) could be read")
+    ckpt_name, folder = str(ckpt.relative_to(run.path)), next_free(run.path, f"eval-{name}-{split}")
+    record = {"run": str(run.path), "data": name, "data_path": str(data or csv or run.path / "items.csv"),
+              "split": split, "checkpoint": ckpt_name}
+    train = run.training_items(checkpoint)  # after a refit: train + val
     if predictor.thresholds is not None:
-        return _evaluate_multilabel(run, predictor, items, probs, bad, name, split, str(ckpt.relative_to(run.path)),
-                                    data or csv or run.path / "items.csv", n_wrong, report)
+        return _evaluate_multilabel(run, predictor, items, probs, bad, train, folder, record, n_wrong, report)
     target = torch.tensor([classes.index(c) for c in items["label"]])
     metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
-    train = run.training_items(checkpoint)
     table.insert(1, "n_train", [int((train["label"] == c).sum()) for c in classes])
-    folder = next_free(run.path, f"eval-{name}-{split}")
     notes = _warnings(metrics, items, train, bad, folder)
     pred = probs.argmax(-1)
     conf = probs.max(-1).values
@@ -68,20 +61,12 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
                                 "correct": (pred == target).numpy()})
     for j, c in enumerate(classes):
         predictions[f"p_{c}"] = probs[:, j].numpy().round(6)
-    predictions.to_csv(folder / "predictions.csv", index=False)
-    table.to_csv(folder / "per_class.csv", index=False)
     cm_table = pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"), columns=classes)
     cm_table.to_csv(folder / "confusion.csv")
-    ckpt_name = str(ckpt.relative_to(run.path))
-    record = {"run": str(run.path), "data": name, "data_path": str(data or csv or run.path / "items.csv"),
-              "split": split, "checkpoint": ckpt_name, "tta": tta, "classes": classes, "metrics": metrics,
-              "warnings": notes, "confusion": cm.tolist(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (folder / "metrics.json").write_text(json.dumps(record, indent=2))
-
-    pre = predictor.preprocess
+    record |= {"tta": tta, "classes": classes, "metrics": metrics, "warnings": notes, "confusion": cm.tolist()}
     wrong = predictions[~predictions["correct"]].sort_values("confidence", ascending=False, kind="stable")
     wrong = wrong.head(n_wrong)
-    images = [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in wrong["path"]]
+    images = _as_read(predictor.preprocess, wrong["path"])
     titles = [f"true: {t}\npredicted: {p} ({c:.2f})\n{_short(Path(f).name)}"
               for t, p, c, f in zip(wrong["label"], wrong["predicted"], wrong["confidence"], wrong["path"])]
     n_wrong_all = int((~predictions["correct"]).sum())
@@ -95,29 +80,17 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         "curves.png": plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups]),
         "class_counts.png": plots.class_counts(run.items, classes),
     }
-    for fname, fig in figures.items():
-        plots.save(fig, folder / fname)
-    result = Evaluation(folder=folder, run=run.path, data=name, split=split, checkpoint=ckpt_name,
-                        classes=classes, metrics=metrics, per_class=table, confusion=cm,
-                        pictures={n: folder / n for n in figures}, warnings=notes)
-    if report:
-        write_report(run, result, out=folder / "report.html")
-    return result
+    return _write(run, folder, record, predictions, table, cm, figures, report)
 
 
 def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | None = None,
                  split: str | None = None) -> tuple[pd.DataFrame, str, str, pd.DataFrame]:
-    """The images to evaluate (path, label), a name for the data, the split used and the files the scan skipped
-    (path, reason).
-
-    Without data: the run's own items (default split: test if any, else val). With data: a scan of it
-    (default split: test, else val, else every image, named 'all'). Labels the run does not know are an error.
-    """
+    """The images to evaluate (path, label), a name for the data, the split used (default test, else val; with
+    data, else 'all') and the files the scan skipped (path, reason); labels the run does not know are an error."""
     bad = pd.DataFrame(columns=["path", "reason"])
     if data is None and csv is None:
         items = run.items
-        root = os.path.commonpath(items["path"].tolist()) if len(items) else str(run.path)
-        name = Path(root).name
+        name = Path(os.path.commonpath(items["path"].tolist()) if len(items) else run.path).name
     else:
         channels = run.read_json("data.json")["preprocess"]["channels"]
         found = scan(data, csv=csv, channels=channels)
@@ -145,9 +118,8 @@ def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | 
 
 def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
           n_bins: int = 10) -> tuple[dict, pd.DataFrame, np.ndarray]:
-    """torchmetrics on probabilities (N, C) and true indices (N,): the headline numbers, the per-class table
-    (class, support, predicted, precision, recall, f1) and the confusion matrix (rows: true, columns: predicted).
-    A class with no images gets precision/recall 0 in the table and is left out of the balanced accuracy."""
+    """torchmetrics on probabilities (N, C) and true indices (N,): headline numbers, per-class table and confusion
+    matrix (rows: true); a class without images is left out of the balanced accuracy."""
     c = len(classes)
     top1 = float(MulticlassAccuracy(c, top_k=1, average="micro")(probs, target))
     top5 = float(MulticlassAccuracy(c, top_k=5, average="micro")(probs, target)) if c > 5 else None
@@ -189,15 +161,13 @@ def _warnings(metrics: dict, items: pd.DataFrame, train: pd.DataFrame, bad: pd.D
     return notes
 
 
-def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torch.Tensor,
-                         bad: pd.DataFrame, name: str, split: str, ckpt: str, data_path, n_wrong: int,
-                         report: bool) -> Evaluation:
+def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torch.Tensor, bad: pd.DataFrame,
+                         train: pd.DataFrame, folder: Path, record: dict, n_wrong: int, report: bool) -> Evaluation:
     """Multi-label scores at the checkpoint's thresholds: mAP, macro/micro F1, per-label AP/F1, precision-recall
     curves, F1 against threshold, co-occurrence, and the images whose predicted label sets miss most."""
-    classes, folder = run.classes, next_free(run.path, f"eval-{name}-{split}")
+    classes = run.classes
     target = torch.from_numpy(multilabel.matrix(items["label"], classes))
     metrics, table = multilabel.score(probs, target, classes, predictor.thresholds)
-    train = run.training_items("best")  # multi-label never refits
     table.insert(1, "n_train", multilabel.matrix(train["label"], classes).sum(0).astype(int))
     notes = _warnings(metrics, items, train, bad, folder)
     pred = multilabel.decide(probs, predictor.thresholds).numpy()
@@ -207,34 +177,44 @@ def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, pr
                                 "exact": (pred == target.numpy()).all(1), "error": error.round(4)})
     for j, c in enumerate(classes):
         predictions[f"prob_{c}"] = probs[:, j].numpy().round(6)
-    predictions.to_csv(folder / "predictions.csv", index=False)
-    table.to_csv(folder / "per_class.csv", index=False)
-    (folder / "metrics.json").write_text(json.dumps(
-        {"run": str(run.path), "data": name, "data_path": str(data_path), "split": split, "checkpoint": ckpt,
-         "classes": classes, "multilabel": True, "thresholds": predictor.thresholds, "metrics": metrics,
-         "warnings": notes, "confusion": [], "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    record |= {"classes": classes, "multilabel": True, "thresholds": predictor.thresholds, "metrics": metrics,
+               "warnings": notes, "confusion": []}
     worst = predictions.sort_values(["exact", "error"], ascending=[True, False], kind="stable").head(n_wrong)
-    pre = predictor.preprocess
-    images = [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in worst["path"]]
     titles = [f"true: {t or '-'}\npredicted: {p or '-'}\n{_short(Path(f).name)}"
               for t, p, f in zip(worst["labels"], worst["predicted"], worst["path"])]
-    y_all = multilabel.matrix(run.items["label"], classes)
     figures = {
         "per_label.png": plots.per_label(table),
         "pr_curves.png": plots.pr_curves(multilabel.pr_curves(probs, target, classes), dict(zip(classes, table["ap"]))),
         "threshold_f1.png": plots.threshold_f1(multilabel.f1_sweep(probs, target, classes),
                                                dict(zip(classes, predictor.thresholds))),
-        "cooccurrence.png": plots.cooccurrence(y_all, classes),
-        "wrong.png": plots.image_grid(images, titles, title=f"Largest errors: wrong label sets first "
-                                      f"({int((~predictions['exact']).sum())} of {len(items)}), then the "
-                                      f"probabilities farthest from the true set ({name}, {split})"),
+        "cooccurrence.png": plots.cooccurrence(multilabel.matrix(run.items["label"], classes), classes),
+        "wrong.png": plots.image_grid(_as_read(predictor.preprocess, worst["path"]), titles,
+                                      title=f"Largest errors: wrong label sets first "
+                                      f"({int((~predictions['exact']).sum())} of {len(items)}), then the probabilities "
+                                      f"farthest from the true set ({record['data']}, {record['split']})"),
         "curves.png": plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups]),
     }
+    return _write(run, folder, record, predictions, table, np.zeros((0, 0)), figures, report)
+
+
+def _as_read(pre, paths) -> list[np.ndarray]:
+    """The images as the network reads them, before resizing (read and intensity-scaled)."""
+    return [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in paths]
+
+
+def _write(run: Run, folder: Path, record: dict, predictions: pd.DataFrame, table: pd.DataFrame, cm: np.ndarray,
+           figures: dict, report: bool) -> Evaluation:
+    """predictions.csv, per_class.csv, metrics.json and the pictures into ``folder``, and the report if asked."""
+    predictions.to_csv(folder / "predictions.csv", index=False)
+    table.to_csv(folder / "per_class.csv", index=False)
+    (folder / "metrics.json").write_text(json.dumps({**record, "created": time.strftime("%Y-%m-%d %H:%M:%S")},
+                                                    indent=2))
     for fname, fig in figures.items():
         plots.save(fig, folder / fname)
-    result = Evaluation(folder=folder, run=run.path, data=name, split=split, checkpoint=ckpt, classes=classes,
-                        metrics=metrics, per_class=table, confusion=np.zeros((0, 0)),
-                        pictures={n: folder / n for n in figures}, warnings=notes)
+    result = Evaluation(folder=folder, run=run.path, data=record["data"], split=record["split"],
+                        checkpoint=record["checkpoint"], classes=record["classes"], metrics=record["metrics"],
+                        per_class=table, confusion=cm, pictures={n: folder / n for n in figures},
+                        warnings=record["warnings"])
     if report:
         write_report(run, result, out=folder / "report.html")
     return result

@@ -8,11 +8,8 @@ from PIL import Image
 
 
 def texture_folder(folder: str | Path, patch: int = 64, val_every: int = 4) -> Path:
-    """scikit-image's brick, grass and gravel photographs cut into patches: a 3-class folder with train/ and val/.
-
-    Each 512x512 texture gives 64 non-overlapping 64x64 patches; every ``val_every``-th patch goes to val/.
-    An existing folder is reused as it is (it is never overwritten).
-    """
+    """scikit-image's brick, grass and gravel photographs cut into patches, every ``val_every``-th in val/: a 3-class
+    folder with train/ and val/ (an existing one is reused, never overwritten)."""
     from skimage import data
 
     root = Path(folder)

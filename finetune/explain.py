@@ -18,9 +18,8 @@ METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "Hi
 
 
 class Explainer:
-    """A predictor's torch model with a CAM on the layer that gives timm's ``forward_features`` (the last stage
-    with its final norm and activation); call it on a batch of preprocessed images to get one map (H, W, values
-    0..1) per image for the class asked (default: the top one)."""
+    """A CAM on the layer that gives timm's ``forward_features`` of a predictor's model; called on a batch of
+    preprocessed images, one map (H, W, 0..1) each for the class asked (default: the top one)."""
 
     def __init__(self, predictor, method: str = "gradcam"):
         cams = require("pytorch_grad_cam", "explain", "class-activation maps (finetune explain)")
@@ -61,9 +60,8 @@ class Explainer:
 
 
 def features_layer(model: torch.nn.Module, input_size: Sequence[int]) -> torch.nn.Module:
-    """The module whose output ``forward_features`` returns: after the last stage's final norm and activation.
-    (EfficientNet's and MobileNet's stages end in a linear bottleneck, whose maps measured inverted: the cat
-    test in tests/test_explain.py put 0.52 of the map on the cat from blocks.6, 0.68 from bn2.)"""
+    """The module whose output ``forward_features`` returns, after the final norm and activation (the bare last
+    stage's linear bottleneck maps measured worse: 0.52 of the map on the cat in tests/test_explain.py, not 0.68)."""
     done: list[tuple[torch.nn.Module, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda m, i, o: done.append((m, o))) for n, m in model.named_modules() if n]
     try:
@@ -102,19 +100,12 @@ def explain(run: str | Path, paths: Sequence[str | Path], *, method: str = "grad
     from PIL import Image
 
     from .predict import Predictor, expand_paths
-    from .run import next_free
+    from .run import new_folder
     predictor = Predictor.load(run)
     explainer = Explainer(predictor, method)
     files = expand_paths(paths)
     table = predictor.predict_paths(files, top_k=top_k, batch_size=batch_size)
-    if out is None:
-        folder = next_free(Path(run), f"explain-{method.replace('+', 'p')}")
-    else:
-        folder = Path(out)
-        try:
-            folder.mkdir(parents=True)
-        except FileExistsError:
-            raise FileExistsError(f"{folder} exists and is never overwritten; choose another --out") from None
+    folder = new_folder(Path(run), f"explain-{method.replace('+', 'p')}", out)
     targets = [predictor.classes.index(c) for c in table["label_1"]]
     names = []
     for i in range(0, len(files), batch_size):

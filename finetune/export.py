@@ -1,7 +1,5 @@
-"""``export``: a run's model as ONNX or TorchScript, with its class names and preprocessing beside it in
-``export.json`` (format, file, classes, preprocess, input size, and ``input``: the preprocessing as plain numbers
-for code without torch). ``Predictor.load(folder)`` predicts from such a folder with onnxruntime or torch.jit.
-"""
+"""``export``: a run's model as ONNX or TorchScript, with classes and preprocessing (also as plain numbers) in
+``export.json``; ``Predictor.load(folder)`` predicts from it with onnxruntime or torch.jit."""
 from __future__ import annotations
 
 import json
@@ -27,7 +25,7 @@ _CV2 = {0: "INTER_NEAREST", 1: "INTER_LINEAR", 2: "INTER_CUBIC", 3: "INTER_AREA"
 def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str = "final") -> Path:
     """Export a run's checkpoint to ``out`` (default ``RUN/export-<fmt>``, numbered if it exists; a given ``out``
     that exists is an error) and check that the export's logits match PyTorch's on the run's own images."""
-    from .run import Run, next_free
+    from .run import Run, new_folder
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -36,11 +34,7 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
     predictor = Predictor.load(ckpt, device="cpu")
     model = predictor.model  # in eval mode, without the hold of training
     example = _example(run, predictor)
-    folder = next_free(run.path, f"export-{fmt}") if out is None else Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=out is None)
-    except FileExistsError:
-        raise FileExistsError(f"{folder} exists and is never overwritten; choose another --out") from None
+    folder = new_folder(run.path, f"export-{fmt}", out)
     try:
         path = folder / FORMATS[fmt]
         with warnings.catch_warnings():
@@ -75,8 +69,7 @@ def _example(run, predictor: Predictor, n: int = 4) -> torch.Tensor:
     """A few of the run's own images as the network sees them (real input for tracing and the parity check)."""
     items = run.items
     items = items[items["split"] == "val"] if (items["split"] == "val").any() else items
-    paths = items["path"].head(n).tolist()
-    return torch.stack([predictor.preprocess.load(p, predictor.transform) for p in paths])
+    return torch.stack([predictor.preprocess.load(p, predictor.transform) for p in items["path"].head(n)])
 
 
 def input_spec(pre: Preprocess) -> dict:

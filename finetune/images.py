@@ -1,8 +1,5 @@
-"""Read one image file into an HxWxC array in its native dtype, and scale its intensities to [0, 1].
-
-PNG, JPEG, BMP, WebP and GIF go through Pillow; TIFF through tifffile (16-bit, multi-page, multi-channel);
-16-bit colour PNG through OpenCV, because Pillow squashes it to 8 bits (timm issue 831).
-"""
+"""Read one image file into an HxWxC array in its native dtype (Pillow; TIFF through tifffile; 16-bit colour PNG
+through OpenCV, which Pillow squashes to 8 bits: timm issue 831), and scale its intensities to [0, 1]."""
 from __future__ import annotations
 
 import codecs
@@ -37,9 +34,8 @@ _PIL_MODES = {
 
 
 class ImageError(Exception):
-    """One file cannot be read as the image the recipe expects; ``reason`` starts with a fixed kind
-    ("empty file", "not an image", "corrupt", "truncated", "too large", "unreadable", "missing file",
-    "wrong channels", "unsupported") followed by ": detail"."""
+    """One file cannot be read as the image the recipe expects; ``reason`` is a fixed kind ("corrupt", "truncated",
+    "not an image", ...), then ": detail"."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         super().__init__(str(path), reason)
@@ -54,9 +50,8 @@ class ImageError(Exception):
 
 
 class ImageInfo(NamedTuple):
-    """What a file's header says: size after EXIF rotation, native channels (alpha included, palette and CMYK
-    as RGB) and the stored dtype (read_image turns integer types other than uint8/uint16 into uint16 or float32).
-    A tuple: a scan makes a million of them from its cache."""
+    """What a file's header says: size after EXIF rotation, native channels (alpha included) and the stored dtype
+    (a tuple: a scan makes a million of them from its cache)."""
 
     width: int
     height: int
@@ -67,16 +62,8 @@ class ImageInfo(NamedTuple):
 
 def read_image(path: str | os.PathLike, channels: int = 3, *, max_pixels: int = MAX_PIXELS,
                data: bytes | None = None) -> np.ndarray:
-    """Decode a whole file into an HxWx``channels`` array in its native dtype (uint8, uint16 or float32).
-
-    EXIF orientation is applied. Alpha is dropped unless asked for (``channels`` 4 for RGBA, 2 for gray+alpha),
-    as Pillow's ``convert('RGB')`` in torchvision does; palette and CMYK become RGB. Gray is replicated for
-    ``channels=3``; RGB becomes luminance (ITU-R 601) for ``channels=1``. TIFF alpha is never dropped: a
-    4-channel TIFF is 4 channels (tifffile tags any HxWx4 array as RGBA). Other integer types become uint16
-    when their values fit, else float32. Raises ImageError for anything else, before decoding when the
-    header says width*height > ``max_pixels``. ``data``: the file's bytes (from a packed dataset), read instead of
-    ``path``, which then only names the image in errors.
-    """
+    """Decode a file (or its bytes, ``data``) into HxWx``channels`` uint8, uint16 or float32, EXIF-rotated, alpha
+    dropped unless asked for (kept in TIFF), gray to RGB or RGB to luminance as asked; else ImageError."""
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
     arr, alpha = _read_native(path, max_pixels, data)
@@ -126,12 +113,8 @@ def examine(path: str, decode: bool = True, max_pixels: int = MAX_PIXELS) -> Ima
 
 def to_unit_float(img: np.ndarray, mode: str = "range", percentiles: Sequence[float] = (1.0, 99.8),
                   stats: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
-    """Scale an HxWxC (or HxW) image to float32, never through 8 bits.
-
-    'range': integers divided by their dtype's max (255, 65535); floats kept as they are (assumed in [0, 1]).
-    'percentile': each image, per channel, maps its own low/high percentiles to 0/1, clipped.
-    'dataset': the same with fixed per-channel ``stats=(low, high)``, e.g. from dataset_percentiles().
-    """
+    """An image to float32 in [0, 1], never through 8 bits: 'range' divides integers by their dtype's max, 'percentile'
+    maps each image's channel percentiles to 0/1, 'dataset' the fixed ``stats=(low, high)`` (clipped)."""
     if mode == "range":
         if img.dtype.kind in "ui":
             return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
@@ -363,10 +346,8 @@ def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
     if len(arrays) > 1:
         arr = np.stack(arrays, axis=-1)
     else:
-        arr = arrays[0]
         extra = [a for a in axes if a not in "YX"]
-        order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in extra]
-        arr = arr.transpose(order)
+        arr = arrays[0].transpose([axes.index(a) for a in ("Y", "X", *extra)])
         arr = arr if extra else arr[..., None]
     return np.ascontiguousarray(_native_dtype(arr)), False
 

@@ -1,11 +1,6 @@
-"""``optim.lr: find``: Lightning's learning-rate finder (``Tuner.lr_find``) on the freeze plan's param groups.
-
-The finder sweeps one rate; each group steps at that rate times the plan's multiplier (fixed groups at 0), so
-the rate found is the head's and the backbone keeps its share. The rate chosen is a tenth of the one at the
-lowest loss (fastai's "minimum" rule; Lightning's steepest-gradient suggestion picked 2e-5 on hymenoptera, on the
-flat start of a short, noisy curve: docs/benchmarks-accuracy.md). The curve goes to ``RUN/lr_find.png`` and ``lr_find.csv``, the rate and why
-to ``lr_find.json``, ``plan.txt`` and the log; a resumed run reads the rate back instead of searching again.
-"""
+"""``optim.lr: find``: Lightning's ``Tuner.lr_find`` on the plan's param groups (each at the swept rate times its
+multiplier, so the rate is the head's); a tenth of the rate at the lowest loss (fastai's rule; Lightning's suggestion
+misread short curves: docs/benchmarks-accuracy.md), recorded in ``RUN/lr_find.*`` and read back on resume."""
 from __future__ import annotations
 
 import json
@@ -80,17 +75,3 @@ def choose(lrs: np.ndarray, losses: np.ndarray, steepest: float | None = None, s
     return low / 10, (f"a tenth of {low:.3g}, where the smoothed training loss was lowest while the rate rose from "
                       f"{lrs[0]:.2g} to {lrs[-1]:.2g} over {len(lrs)} steps (Lightning's lr finder; its "
                       f"steepest-fall suggestion was {steepest or float('nan'):.3g}); the curve is lr_find.png")
-
-
-class _StopBeforeTraining(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.should_stop = True
-
-
-def find_only(data, recipe=None, *, csv=None, out="runs", overrides: list[str] | None = None):
-    """``finetune lr-find``: a run folder with the finder's curve and rate, and no training; returns it with
-    the rate and its reason."""
-    from .train import fit
-    run = fit(data, recipe, csv=csv, out=out, overrides=[*(overrides or []), "optim.lr=find"], progress=False,
-              callbacks=[_StopBeforeTraining()])
-    return run, json.loads((run.path / "lr_find.json").read_text())

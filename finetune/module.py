@@ -1,6 +1,5 @@
 """The LightningModule: a timm model with a new head, its loss and metrics, and the freeze plan carried through
-training (which weights train each epoch, fixed groups held in eval by ``train()``, AdaBN once, the plan's state
-in every checkpoint, so a resumed run continues the schedule where it stopped)."""
+training and every checkpoint (so a resumed run continues the schedule)."""
 from __future__ import annotations
 
 import math
@@ -22,9 +21,8 @@ class TrainingError(RuntimeError):
 
 
 class Classifier(pl.LightningModule):
-    """A timm model with a new head, trained with label smoothing, per-group learning rates and torchmetrics.
-    Multi-label (``train.labels: multi``): one sigmoid output a label, binary cross-entropy, mean average precision,
-    and each label's F1-maximising threshold on the validation images, kept in every checkpoint."""
+    """A timm model with a new head, label smoothing, per-group rates and torchmetrics; multi-label: sigmoid outputs,
+    BCE, mean average precision, and each label's best-F1 validation threshold in every checkpoint."""
 
     def __init__(self, model: torch.nn.Module, plan: Plan, recipe: Recipe, classes: list[str],
                  class_weights: torch.Tensor | None = None, extra: dict | None = None):

@@ -1,9 +1,5 @@
-"""Multi-label data and decisions: several labels an image, read from a CSV (a ``;``-separated cell or one 0/1
-column per label), split by iterative stratification, scored by average precision, decided by per-label thresholds.
-
-A label set travels through the item table as one sorted ``;``-joined string in the ``label`` column (empty: no
-label), so scanning, duplicate checks and run folders treat both kinds of data alike.
-"""
+"""Multi-label data (a ``;``-separated cell or one 0/1 column a label), iterative stratification, average precision
+and per-label thresholds; a label set is one sorted ``;``-joined ``label`` string, so the rest treats it as usual."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

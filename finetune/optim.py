@@ -1,12 +1,6 @@
-"""Optimizer and learning-rate schedule for a freeze plan.
-
-Groups as timm builds them (``timm.optim.param_groups_weight_decay``): no weight decay on biases, norm scale/shift
-and other 1-D parameters, nor on what the model's ``no_weight_decay()`` names; a decayed and an undecayed group per
-plan stage, every one present from the first step. What a plan adds is only each group's multiplier (``lr_scale``,
-as timm's param groups call it) and its release epoch. A step-wise
-``LambdaLR`` gives each group warm-up then cosine from the epoch it is released (0 while it is fixed); Lightning
-saves and restores it, so a resumed run continues the schedule.
-"""
+"""Optimizer and schedule for a freeze plan: per stage a decayed and an undecayed group (as timm's
+``param_groups_weight_decay``), all present from the first step, each with the plan's multiplier (``lr_scale``) and a
+step-wise ``LambdaLR`` factor: 0 while fixed, then warm-up and cosine from its release (restored on resume)."""
 from __future__ import annotations
 
 import math

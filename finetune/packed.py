@@ -1,13 +1,7 @@
-"""Packed data: the checked images and labels in litdata's optimized format (Lightning's streaming datasets:
-sharded, rank- and worker-aware, local or object storage), one dataset per split, with an index file of the
-classes, items and scan report; and the data module that trains from it.
-
-    DEST/finetune_pack.json   classes, items (path, label, split), the split settings, the scan report
-    DEST/train/, val/, test/  litdata datasets of {"image": the file's bytes, "label": class index, "item": its row}
-
-The files' own bytes are stored, not decoded pixels: nothing is lost or re-encoded, and the reading pipeline
-(read_image, intensity, transforms) is the folder's.
-"""
+"""Packed data: the checked files' own bytes in litdata's streaming format (sharded, rank- and worker-aware, local or
+object storage), ``DEST/{train,val,test}/`` with an index ``DEST/finetune_pack.json`` (classes, items, split settings,
+scan report); and the data module that trains from it with the folder's reading pipeline. Writing it:
+:mod:`finetune.pack`."""
 from __future__ import annotations
 
 import json
@@ -15,63 +9,20 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from torch.utils.data import DataLoader
 
 try:
-    from litdata import StreamingDataLoader, StreamingDataset, optimize
+    from litdata import StreamingDataLoader, StreamingDataset
 except ImportError as e:  # the [scale] extra
     raise ImportError("packed data needs litdata: pip install 'finetune[scale]' (or pip install litdata)") from e
 
-from .data import PACK_INDEX, SPLITS, DataError, ImageDataset, drop_failed
+from .data import PACK_INDEX, DataError, ImageDataset, drop_failed, save_report
 from .datamodule import ImageDataModule
 from .recipe import Recipe
 
 log = logging.getLogger("finetune")
-
-
-def pack(data: str | os.PathLike | None, recipe: Recipe, out: str, *, csv: str | os.PathLike | None = None,
-         workers: int | None = None, chunk_bytes: str = "64MB") -> "PackedData":
-    """Scan and split ``data`` as ``finetune train`` would with ``recipe`` (bad files left out and reported),
-    then write every split to ``out`` (a new local folder, or an s3:// gs:// ... URL litdata can write to)."""
-    from .train import prepare
-    if "://" in out:
-        taken = _provider(out).exists(_join(out, PACK_INDEX))
-    else:
-        taken = Path(out).exists() and any(Path(out).iterdir())
-    if taken:
-        raise FileExistsError(f"{out} exists and is not empty: pack never overwrites; choose another --out")
-    items, classes, sc = prepare(data, recipe, csv=csv, progress=True)
-    if sc.multilabel:
-        raise ValueError(f"{sc.source}: packing multi-label data (label sets) is not supported; train from the "
-                         f"folder and its CSV")
-    items = items.reset_index(drop=True)
-    index = {c: i for i, c in enumerate(classes)}
-    workers = workers or max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-    for split in SPLITS:
-        rows = items[items["split"] == split]
-        if len(rows):
-            optimize(fn=_sample, inputs=[(p, index[c], i) for i, p, c in zip(rows.index, rows["path"], rows["label"])],
-                     output_dir=_join(out, split), chunk_bytes=chunk_bytes, num_workers=min(workers, len(rows)),
-                     mode="overwrite", verbose=False)
-    t = recipe.train
-    meta = {"format": "finetune-pack/1", "source": sc.source, "classes": classes, "recipe": recipe.name,
-            "split": {"val_fraction": t.val_fraction, "seed": t.seed, "groups": t.split_groups},
-            "counts": {s: int((items["split"] == s).sum()) for s in SPLITS},
-            "items": items[["path", "label", "split"]].to_dict(orient="list"),
-            "bad": sc.bad.to_dict(orient="list"), "report": sc.report()}
-    _put(out, PACK_INDEX, json.dumps(meta))
-    return PackedData(out, meta)
-
-
-def _sample(row: tuple[str, int, int]) -> dict[str, Any]:
-    """One stored sample. The path stays in the index (``item`` is its row): litdata would store a string that
-    names a file as that file."""
-    path, label, item = row
-    with open(path, "rb") as f:
-        return {"image": f.read(), "label": label, "item": item}
 
 
 class PackedData:
@@ -101,13 +52,9 @@ class PackedData:
                         "train.val_fraction/seed/split_groups apply when packing)", self.url, packed["val_fraction"],
                         packed["seed"], packed["groups"])
 
-    def save_report(self, folder: str | os.PathLike) -> None:
+    def save_report(self, folder: str | os.PathLike) -> tuple[Path, Path]:
         """``bad_files.csv`` and ``data_report.txt`` of the scan the pack was made from, into a new run folder."""
-        folder = Path(folder)
-        with open(folder / "bad_files.csv", "x", newline="") as f:
-            self.bad.to_csv(f, index=False)
-        with open(folder / "data_report.txt", "x") as f:
-            f.write(f"Packed data: {self.url}\n\n{self.meta['report']}")
+        return save_report(folder, self.bad, f"Packed data: {self.url}\n\n{self.meta['report']}")
 
 
 class PackedDataModule(ImageDataModule):

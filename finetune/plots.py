@@ -1,11 +1,9 @@
-"""Pictures of a run and of an evaluation, as matplotlib Figures on the Agg canvas (no pyplot, no global state).
-
-Every function returns a :class:`~matplotlib.figure.Figure`; :func:`save` writes it as PNG, :func:`png_bytes`
-gives the bytes (the HTML report inlines them).
-"""
+"""Pictures of a run and of an evaluation, as matplotlib Figures on the Agg canvas (no pyplot, no global state);
+:func:`save` writes one as PNG, :func:`png_bytes` gives the bytes (the HTML report inlines them)."""
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -29,16 +27,13 @@ def figure(width: float, height: float, layout: str = "constrained") -> Figure:
     return fig
 
 
-def save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
+def save(fig: Figure, path: str | Path | io.BytesIO) -> Path | io.BytesIO:
     fig.savefig(path, format="png", dpi=DPI, facecolor="white")
-    return path
+    return path if isinstance(path, io.BytesIO) else Path(path)
 
 
 def png_bytes(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    return buf.getvalue()
+    return save(fig, io.BytesIO()).getvalue()
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -67,11 +62,10 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
         s.index = s.index.astype(int) + 1
         return s
 
-    for col, label, style in [("train_loss_epoch", "train", "-"), ("val_loss", "val", "-")]:
+    for col, label in [("train_loss_epoch", "train"), ("val_loss", "val")]:
         if col in log and log[col].notna().any():
             s = per_epoch(col)
-            ax_loss.plot(s.index, s.values, style, marker="o", label=label,
-                         color=SPLIT_COLORS["train" if label == "train" else "val"])
+            ax_loss.plot(s.index, s.values, "-", marker="o", label=label, color=SPLIT_COLORS[label])
     ax_loss.set(title="loss", xlabel="epochs done")
     for col, label, color in [("train_acc", "train accuracy", SPLIT_COLORS["train"]),
                               ("val_acc", "val accuracy", SPLIT_COLORS["val"]),
@@ -84,8 +78,7 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
             ax_acc.plot(s.index, s.values, marker="o", label=label, color=color,
                         linestyle="--" if col in ("val_recall", "val_f1") else "-")
     if "val_acc" in log and log["val_acc"].notna().any():
-        s = per_epoch("val_acc")
-        k = int(s.idxmax())
+        k = int(per_epoch("val_acc").idxmax())
         ax_acc.axvline(k, color="0.6", linestyle=":", label=f"best val accuracy ({k} epoch{'s' * (k > 1)} done)")
     ax_acc.set(title="accuracy" if "val_acc" in log else "scores", xlabel="epochs done", ylim=(0, 1.02))
     n_epochs = int(log["epoch"].max()) + 1
@@ -117,8 +110,8 @@ def curves(log: pd.DataFrame, groups: Sequence[str] | None = None) -> Figure:
         ax_lr.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax_lr.grid(alpha=0.3)
     if fixed:
-        ax_lr.text(1.03, 0.0, _wrap("fixed, lr 0 throughout: " + ", ".join(fixed), 28), transform=ax_lr.transAxes,
-                   va="bottom", fontsize=7, color="0.3")
+        ax_lr.text(1.03, 0.0, textwrap.fill("fixed, lr 0 throughout: " + ", ".join(fixed), 28),
+                   transform=ax_lr.transAxes, va="bottom", fontsize=7, color="0.3")
     elif not cols:
         ax_lr.text(0.5, 0.5, "no learning-rate columns in the log", ha="center", va="center",
                    transform=ax_lr.transAxes)
@@ -142,8 +135,7 @@ def class_counts(items: pd.DataFrame, classes: Sequence[str]) -> Figure:
         ax.bar_label(bars, labels=[f"{v} ({v / max(1, vals.sum()):.0%})" for v in vals], fontsize=8, padding=2)
     ax.set_yticks(y, list(classes))
     ax.invert_yaxis()
-    ax.set_xlabel("images")
-    ax.set_xlim(0, table.to_numpy().max() * 1.25 + 1)
+    ax.set(xlabel="images", xlim=(0, table.to_numpy().max() * 1.25 + 1))
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"Images per class and split{_imbalance_note(table[splits[0]])}", fontsize=11)
     return fig
@@ -170,8 +162,8 @@ def per_class(table: pd.DataFrame) -> Figure:
         bars = ax_n.barh(y - 0.2 + 0.4 * i, table[col], height=0.4, label=label,
                          color=SPLIT_COLORS["train" if col == "n_train" else "eval"])
         ax_n.bar_label(bars, fontsize=8, padding=2)
-    ax_n.set_xlim(0, max(1, table[[c for c in ("n_train", "support") if c in table]].to_numpy().max()) * 1.25)
-    ax_n.set(title="images per class", xlabel="images")
+    ax_n.set(title="images per class", xlabel="images",
+             xlim=(0, max(1, table[[c for c in ("n_train", "support") if c in table]].to_numpy().max()) * 1.25))
     ax_n.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
     ax_n.set_yticks(y, classes)
     ax_n.invert_yaxis()
@@ -188,9 +180,8 @@ def per_class(table: pd.DataFrame) -> Figure:
 
 
 def confusion(cm: np.ndarray, classes: Sequence[str]) -> Figure:
-    """The confusion matrix twice, counts in every cell: coloured by share of each true class (rows: recall)
-    and by share of each predicted class (columns: precision). With imbalanced classes the two differ: a few
-    errors of a common class are a small share of its row but can be a large share of a rare class's column."""
+    """The confusion matrix twice, counts in every cell, coloured by share of each true class (rows: recall) and of
+    each predicted class (columns: precision), which differ with imbalanced classes."""
     cm = np.asarray(cm)
     n = len(classes)
     side = min(9, 2.6 + 0.75 * n)
@@ -294,10 +285,8 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int
 # -- freeze policies ---------------------------------------------------------------------------------------------
 
 def freeze_grid(results: pd.DataFrame, metric: str = "val_acc") -> Figure:
-    """Score against fixed depth (0 = full fine-tuning ... all groups = linear probe), one panel per dataset and
-    one line per training-set size; automatic plans are stars at the depth they chose (a dashed line where the
-    depth is not recorded). Takes benchmarks/results/freeze_grid.csv (``plan``/``fixed_depth`` columns) or a
-    table with a ``depth`` column of ints and 'auto'."""
+    """Score against fixed depth, a panel a dataset and a line a training-set size, automatic plans as stars (or
+    dashed lines); from benchmarks/results/freeze_grid.csv (``plan``/``fixed_depth``) or a ``depth`` column."""
     df = results.copy()
     if "plan" not in df:
         df["plan"] = [("auto" if str(d) == "auto" else f"fixed{int(d)}") for d in df["depth"]]
@@ -324,11 +313,6 @@ def freeze_grid(results: pd.DataFrame, metric: str = "val_acc") -> Figure:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
     return fig
-
-
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-    return "\n".join(textwrap.wrap(text, width))
 
 
 def freeze_rule(points: pd.DataFrame | None = None, n_groups: int = 8) -> Figure:

@@ -1,6 +1,5 @@
-"""``Predictor``: class names + preprocessing + a backend (a PyTorch module, a TorchScript file or an ONNX Runtime
-session). Image files are read and preprocessed by a DataLoader's worker processes and run in batches, on the GPU
-when there is one; evaluation and prediction both go through :meth:`Predictor.probabilities`."""
+"""``Predictor``: class names, preprocessing and a backend (a PyTorch module, TorchScript or ONNX Runtime), run in
+batches read by loader workers; evaluation and prediction both go through :meth:`Predictor.probabilities`."""
 from __future__ import annotations
 
 import json
@@ -49,9 +48,8 @@ class OnnxBackend:
 
 
 class Predictor:
-    """Classes, preprocessing and a backend (any ``logits = backend(batch)``); ``predict_paths`` gives a table of
-    top-k labels, ``probabilities`` the (N, classes) matrix. With ``thresholds`` (one a label) the model is
-    multi-label: sigmoid probabilities, and a label is present when its probability reaches its threshold."""
+    """Classes, preprocessing and a backend (any ``logits = backend(batch)``); with ``thresholds`` (one a label)
+    multi-label: sigmoid probabilities, a label present when its probability reaches its threshold."""
 
     def __init__(self, classes: Sequence[str], preprocess: Preprocess,
                  backend: Callable[[torch.Tensor], torch.Tensor], thresholds: Sequence[float] | None = None):
@@ -109,9 +107,8 @@ class Predictor:
 
     def probabilities(self, files: Sequence[str | Path], tta: bool = False, batch_size: int = 64,
                       workers: int | None = None) -> tuple[torch.Tensor, dict[int, str]]:
-        """Class probabilities (N, classes) of image files in their order, and ``{index: reason}`` of the files that
-        could not be read (rows of NaN). A DataLoader's ``workers`` processes (default
-        :func:`finetune.data.default_workers`) read and preprocess the files; the backend runs the batches."""
+        """Class probabilities (N, classes) of image files in their order (read by ``workers`` loader processes),
+        and ``{index: reason}`` of the files that could not be read (rows of NaN)."""
         loader = DataLoader(_Files(files, self.preprocess, self.transform), batch_size=batch_size, collate_fn=_collate,
                             num_workers=default_workers() if workers is None else workers,
                             pin_memory=getattr(self.backend, "device", torch.device("cpu")).type == "cuda")

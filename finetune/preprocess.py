@@ -1,9 +1,5 @@
-"""Preprocessing that travels with a model: how a file becomes the network's input tensor.
-
-Reading (channels, decompression guard), intensity scaling (range, per-image or dataset percentiles) and the
-serialised albumentations evaluation pipeline, in one JSON-able object; training, evaluation, prediction and
-exported models all use it, so predictions see exactly what training saw.
-"""
+"""Preprocessing that travels with a model (reading, intensity scaling, the serialised evaluation pipeline) as one
+JSON-able object, so predictions see exactly what training saw."""
 from __future__ import annotations
 
 import functools

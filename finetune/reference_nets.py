@@ -1,7 +1,5 @@
-"""The lecture's reference conv nets as torch modules: LeNet-5 (1998) and AlexNet (2012), for size reports.
-
-Layers are named top-level children so that a size report has one row (and one stage) per lecture layer.
-"""
+"""The lecture's reference conv nets, LeNet-5 (1998) and AlexNet (2012), with one named child per lecture layer so
+that a size report has one row (and stage) each."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -13,11 +11,8 @@ REFERENCE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {"lenet5": (1, 32, 32),
 
 
 def lenet5(num_classes: int = 10) -> nn.Sequential:
-    """LeNet-5 (LeCun et al. 1998) as the lecture counts it: C3 fully connected to S2, all of F5/F6/output linear.
-
-    Deviations from the paper, none of which change the lecture's counts: tanh instead of the scaled tanh,
-    plain average pooling instead of trainable subsampling, a linear output instead of RBF units.
-    """
+    """LeNet-5 (LeCun et al. 1998) as the lecture counts it (C3 fully connected to S2); tanh, average pooling and a
+    linear output stand in for the paper's scaled tanh, trainable subsampling and RBF units (same counts)."""
     return nn.Sequential(OrderedDict([
         ("C1", nn.Conv2d(1, 6, 5)), ("C1_act", nn.Tanh()),
         ("S2", nn.AvgPool2d(2)),
@@ -31,11 +26,8 @@ def lenet5(num_classes: int = 10) -> nn.Sequential:
 
 
 def alexnet(num_classes: int = 1000) -> nn.Sequential:
-    """AlexNet as in Krizhevsky et al. 2012: the two-GPU version, so conv2, conv4 and conv5 are grouped (groups=2).
-
-    Widths 96-256-384-384-256-4096-4096, local response normalisation after conv1 and conv2, overlapping 3x3
-    pooling. conv1 has padding 2 so that a 224x224 input gives the paper's 55x55 maps (as torchvision does).
-    """
+    """AlexNet (Krizhevsky et al. 2012), the two-GPU version (conv2, conv4, conv5 grouped), with LRN and overlapping
+    pooling; conv1 padding 2 gives the paper's 55x55 maps from 224x224 (as torchvision)."""
     def relu() -> nn.ReLU:
         return nn.ReLU(inplace=True)
 

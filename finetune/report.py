@@ -1,8 +1,5 @@
-"""An evaluation's record (:class:`Evaluation`: its numbers, tables and pictures, as text with ``to_string``) and a
-run as one self-contained HTML page: results at a glance (class imbalance and its effect first), the
-evaluation's pictures, training curves, data, freeze plan and recipe; every picture inline (base64 PNG), no
-scripts and no links, so the file can be mailed or archived and opens in any browser.
-"""
+"""An evaluation's record (:class:`Evaluation`) and a run as one self-contained HTML page (results, pictures inline
+as base64 PNG, curves, data, plan, recipe; no scripts, no links), so it can be mailed or archived."""
 from __future__ import annotations
 
 import base64
@@ -16,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import multilabel, plots
+from .data import counts_table
 from .run import Run
 
 __all__ = ["Evaluation", "PICTURES", "write_report", "render", "latest_evaluation", "notes"]
@@ -73,36 +71,30 @@ class Evaluation:
 
     def to_string(self) -> str:
         m, n_cls = self.metrics, len(self.classes)
+        head = f"Evaluated {self.run} ({self.checkpoint}) on {self.data}, split {self.split}: {m['n']} images, "
         if self.multilabel:
-            return "\n".join([*(f"warning: {w}" for w in self.warnings),
-                f"Evaluated {self.run} ({self.checkpoint}) on {self.data}, split {self.split}: {m['n']} images, "
-                f"{n_cls} labels (multi-label)",
-                f"  mean average precision  {m['map']:.3f}  (over labels; independent of thresholds)",
-                f"  macro F1                {m['macro_f1']:.3f}  (at each label's threshold)",
-                f"  micro F1                {m['micro_f1']:.3f}",
-                f"  exact label set         {m['exact_match']:.3f}", "",
-                self.per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"), "",
-                f"written to {self.folder}/: " + ", ".join(sorted(p.name for p in self.folder.iterdir()))])
-        top5 = (f"{m['top5_error']:.3f}" if m["top5_error"] is not None
-                else f"-      ({n_cls} classes: the top 5 always hold the answer)")
-        lines = [*(f"warning: {w}" for w in self.warnings),
-            f"Evaluated {self.run} ({self.checkpoint}) on {self.data}, split {self.split}: "
-            f"{m['n']} images, {n_cls} classes",
-            f"  top-1 error          {m['top1_error']:.3f}  (accuracy {m['accuracy']:.3f}; always answering "
-            f"'{m['majority_class']}' would score {m['majority_accuracy']:.3f})",
-            f"  top-5 error          {top5}",
-            f"  balanced accuracy    {m['balanced_accuracy']:.3f}  (mean of the per-class recalls)",
-            f"  macro F1             {m['macro_f1']:.3f}",
-            f"  calibration error    {m['ece']:.3f}  (ECE, {m['n_bins']} bins: 0 = as often right as confident)",
-            "",
-            self.per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
-            "",
-            f"written to {self.folder}/: " + ", ".join(sorted(p.name for p in self.folder.iterdir())),
-        ]
-        return "\n".join(lines)
+            lines = [head + f"{n_cls} labels (multi-label)",
+                     f"  mean average precision  {m['map']:.3f}  (over labels; independent of thresholds)",
+                     f"  macro F1                {m['macro_f1']:.3f}  (at each label's threshold)",
+                     f"  micro F1                {m['micro_f1']:.3f}",
+                     f"  exact label set         {m['exact_match']:.3f}"]
+        else:
+            top5 = (f"{m['top5_error']:.3f}" if m["top5_error"] is not None
+                    else f"-      ({n_cls} classes: the top 5 always hold the answer)")
+            lines = [head + f"{n_cls} classes",
+                     f"  top-1 error          {m['top1_error']:.3f}  (accuracy {m['accuracy']:.3f}; always answering "
+                     f"'{m['majority_class']}' would score {m['majority_accuracy']:.3f})",
+                     f"  top-5 error          {top5}",
+                     f"  balanced accuracy    {m['balanced_accuracy']:.3f}  (mean of the per-class recalls)",
+                     f"  macro F1             {m['macro_f1']:.3f}",
+                     f"  calibration error    {m['ece']:.3f}  (ECE, {m['n_bins']} bins: 0 = as often right as "
+                     f"confident)"]
+        return "\n".join([*(f"warning: {w}" for w in self.warnings), *lines, "",
+                          self.per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"), "",
+                          f"written to {self.folder}/: " + ", ".join(sorted(p.name for p in self.folder.iterdir()))])
 
-    def __str__(self) -> str:
-        return self.to_string()
+    __str__ = to_string
+
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f6f4}
@@ -135,9 +127,7 @@ def write_report(run: str | Path | Run, evaluation: Evaluation | str | Path | No
         evaluation = latest_evaluation(run)
     elif not isinstance(evaluation, Evaluation):
         evaluation = Evaluation.load(evaluation)
-    if out is None:
-        out = _free_name(run.path / "report.html")
-    out = Path(out)
+    out = _free_name(run.path / "report.html") if out is None else Path(out)
     with open(out, "x", encoding="utf-8") as f:
         f.write(render(run, evaluation))
     return out
@@ -166,23 +156,15 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
     parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>"]
 
     parts.append("<h2>At a glance</h2>")
-    if ev is not None and ev.multilabel:
-        parts.append(_multilabel_section(ev))
-    elif ev is not None:
-        parts.append(_tiles(ev))
-    if ev is None or not ev.multilabel:
-        parts.append("<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes(run, ev)) + "</ul>")
     if ev is not None and not ev.multilabel:
-        parts.append(_picture(ev, "per_class.png"))
-        parts.append("<h3>Per class</h3>" + _per_class_table(ev.per_class))
-
-        parts.append(f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({ev.metrics['n']} images)</h2>")
-        parts.append(f"<p class=sub>checkpoint {_e(ev.checkpoint)}; files in {_e(str(ev.folder))}</p>")
-        parts.append(_picture(ev, "confusion.png") + _picture(ev, "calibration.png"))
-        parts.append(_picture(ev, "wrong.png") + _cams(run, ev))
+        parts += [_tiles(ev), _notes_list(notes(run, ev)), _picture(ev, "per_class.png"),
+                  "<h3>Per class</h3>" + _per_class_table(ev.per_class) + _eval_heading(ev),
+                  _picture(ev, "confusion.png") + _picture(ev, "calibration.png"),
+                  _picture(ev, "wrong.png") + _cams(run, ev)]
     else:
-        parts.append("<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) +
-                     "</code> adds per-class results, the confusion matrix, calibration and the worst mistakes.</p>")
+        parts += [_multilabel_section(ev) if ev is not None else _notes_list(notes(run, ev)),
+                  "<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) + "</code> adds per-class "
+                  "results, the confusion matrix, calibration and the worst mistakes.</p>"]
 
     parts.append("<h2>Data</h2>")
     if run.recipe.train.labels == "multi":
@@ -191,12 +173,7 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
         parts.append(f"<pre>{_e(multilabel.counts_report(items, classes))}</pre>")
     else:
         parts.append(_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)))
-    counts = pd.crosstab(items["label"], items["split"]).reindex(index=classes, fill_value=0)
-    counts = counts[[c for c in ("train", "val", "test", "") if c in counts.columns]]
-    counts["total"] = counts.sum(axis=1)
-    counts.loc["total"] = counts.sum(axis=0)
-    if run.recipe.train.labels != "multi":
-        parts.append(_table(counts.rename_axis("class").reset_index()))
+        parts.append(_table(counts_table(items, classes).reset_index()))
     parts.append(_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"))
 
     parts.append("<h2>Training</h2>")
@@ -328,12 +305,18 @@ def _multilabel_section(ev: Evaluation) -> str:
     if m["labels_without_images"]:
         notes.append("No evaluated image carries " + ", ".join(map(_e, m["labels_without_images"])) +
                      ": their scores are left out of the means.")
-    html = _tile_row(tiles)
-    html += "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
-    html += _picture(ev, "per_label.png") + "<h3>Per label</h3>" + _table(t)
-    html += (f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({m['n']} images)</h2><p class=sub>checkpoint "
-             f"{_e(ev.checkpoint)}; files in {_e(str(ev.folder))}</p>")
-    return html + _picture(ev, "pr_curves.png") + _picture(ev, "threshold_f1.png") + _picture(ev, "wrong.png")
+    return (_tile_row(tiles) + _notes_list(notes) + _picture(ev, "per_label.png") + "<h3>Per label</h3>" + _table(t)
+            + _eval_heading(ev) + _picture(ev, "pr_curves.png") + _picture(ev, "threshold_f1.png")
+            + _picture(ev, "wrong.png"))
+
+
+def _notes_list(notes: list[str]) -> str:
+    return "<ul class=notes>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
+
+
+def _eval_heading(ev: Evaluation) -> str:
+    return (f"<h2>Evaluation: {_e(ev.data)}, split {_e(ev.split)} ({ev.metrics['n']} images)</h2>"
+            f"<p class=sub>checkpoint {_e(ev.checkpoint)}; files in {_e(str(ev.folder))}</p>")
 
 
 def _per_class_table(t: pd.DataFrame) -> str:
@@ -402,8 +385,7 @@ def _cams(run: Run, ev: Evaluation, n_wrong: int = 8, per_class: int = 2) -> str
 
 
 def _figure(data: bytes, caption: str) -> str:
-    b64 = base64.b64encode(data).decode("ascii")
-    return (f"<figure><img src='data:image/png;base64,{b64}' alt='{_e(caption)}'>"
+    return (f"<figure><img src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}' alt='{_e(caption)}'>"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
@@ -414,10 +396,8 @@ def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _text_file(path: Path, title: str, open_: bool = False) -> str:
-    if not path.is_file():
-        return ""
-    return f"<details{' open' if open_ else ''}><summary>{_e(title)}</summary><pre>{_e(_read(path))}</pre></details>"
+def _text_file(path: Path, title: str) -> str:
+    return f"<details><summary>{_e(title)}</summary><pre>{_e(_read(path))}</pre></details>" if path.is_file() else ""
 
 
 def _read(path: Path) -> str:

@@ -1,49 +1,24 @@
-"""Run folders: created once, appended to on resume, read back by evaluate, predict and export.
-
-Layout of ``runs/<name>/``: recipe.yaml (resolved), classes.json, items.csv (every image with its split),
-data_report.txt, bad_files.csv, plan.json and plan.txt, data.json (data config, intensity statistics,
-evaluation pipeline), checkpoints/, logs/version_N/metrics.csv, metrics.csv (one row an epoch), summary.json.
-"""
+"""Run folders (``runs/<name>/``: recipe.yaml, classes.json, items.csv, plan.json, data.json, checkpoints/, logs/,
+summary.json, ...): created once, appended to on resume, read back by evaluate, predict and export."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from .fileio import atomic_write
 from .freeze import Plan
 from .recipe import Recipe, from_dict, load_recipe
 
 
 class RunError(RuntimeError):
     """A run folder is missing, incomplete or would be overwritten."""
-
-
-def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], Any]) -> None:
-    """Write bytes, text, or what ``data(file)`` writes, to a temporary file beside ``path``, then rename: readers
-    never see half a file, and a kill during the write leaves the old file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def next_free(parent: str | Path, base: str) -> Path:
@@ -59,6 +34,17 @@ def next_free(parent: str | Path, base: str) -> Path:
         except FileExistsError:
             continue
     raise RunError(f"no free folder name for {parent / base}")
+
+
+def new_folder(parent: str | Path, base: str, out: str | Path | None = None) -> Path:
+    """``out`` created (one that exists is an error), or by default the first free ``parent/base[-N]``."""
+    if out is None:
+        return next_free(parent, base)
+    try:
+        (out := Path(out)).mkdir(parents=True)
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists and is never overwritten; choose another --out") from None
+    return out
 
 
 def read_logs(run_path: str | Path) -> pd.DataFrame:
@@ -81,10 +67,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return load_checkpoint(path, map_location)
-
-
-def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_checkpoint(path, map_location)
 
 

@@ -1,10 +1,5 @@
-"""What the scan learnt about each file, kept in ``$FINETUNE_HOME/scan.sqlite`` keyed by path, size and
-modification time: a second scan of unchanged data only stats the files.
-
-SQLite in WAL mode: one file, indexed, safe for several runs at once (a busy writer is waited for), and
-a million rows cost tens of megabytes. A cache that cannot be opened or written is skipped with a warning,
-never a reason to fail a scan.
-"""
+"""What the scan learnt about each file, in ``$FINETUNE_HOME/scan.sqlite`` (WAL: safe for several runs at once) keyed
+by path, size and mtime; an unusable cache is skipped with a warning, never a reason to fail a scan."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from .fileio import finetune_home
 from .images import ImageInfo
 
 log = logging.getLogger("finetune")
@@ -30,9 +26,7 @@ Result = ImageInfo | str
 
 
 def cache_file() -> Path:
-    """``$FINETUNE_HOME/scan.sqlite``: the home as backbone._finetune_home reads it, without importing timm (seconds,
-    which a cached scan must not spend)."""
-    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune").expanduser() / "scan.sqlite"
+    return finetune_home() / "scan.sqlite"
 
 
 def checked(paths: list[str], decode: bool, max_pixels: int, check: Callable[[list[str]], list[Result]],

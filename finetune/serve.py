@@ -1,6 +1,5 @@
-"""``finetune serve``: a small page on this computer (127.0.0.1 only) for a run or an exported model: upload
-images, see the top-k labels with their probabilities and, for a run with ``finetune[explain]``, where the model
-looked. The standard library's HTTP server; one request at a time; the page has no scripts."""
+"""``finetune serve``: a page on 127.0.0.1 (the standard library's server, no scripts) to upload images to a run or
+an export and see the top-k labels and, with ``finetune[explain]``, where the model looked."""
 from __future__ import annotations
 
 import base64

@@ -1,11 +1,8 @@
-"""Network size and training cost, counted as the lecture counts them: units, weights, connections, operations.
-
-One probe forward pass (batch 1, hooks on convolution, linear, pooling and normalization modules) gives each
-layer's output units and connections; parameters are split into frozen and trainable by ``requires_grad``, so
-the report follows whatever freeze plan was applied to the model. The counting rules are in docs/size.md.
-"""
+"""Network size and training cost as the lecture counts them (units, weights, connections, operations), from one
+hooked forward pass, split frozen/trainable by ``requires_grad``; the rules are in docs/size.md."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +36,7 @@ class SizeReport:
 
     def to_string(self, layers: bool = True) -> str:
         """The tables as text, with thousands separators (``layers=False``: stages and totals only)."""
-        size = "x".join(map(str, self.input_size))
-        parts = [f"{self.model_name} at input {size}"]
+        parts = [f"{self.model_name} at input {'x'.join(map(str, self.input_size))}"]
         if layers:
             parts += ["Layers", _fmt(self.layers)]
         return "\n\n".join(parts + ["Stages", _fmt(self.stages), "Totals", _fmt(self.totals)])
@@ -48,13 +44,11 @@ class SizeReport:
     def plot(self, path: str | Path, log: bool = False) -> Path:
         """Write a PNG with units, parameters and connections per stage, stacked by layer type (linear scale by
         default, so that bar heights show the shares the lecture's rule of thumb is about)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from .plots import figure
 
         df = self.layers.assign(parameters=self.layers[_PARAM_COLS].sum(axis=1))
         order, labels = self.stages["stage"].tolist(), self.stages["stage_name"].tolist()
-        fig = Figure(figsize=(max(10.0, 0.5 * len(order) * 3), 4.5), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = figure(max(10.0, 0.5 * len(order) * 3), 4.5)
         colours = {CONV: "tab:blue", LINEAR: "tab:orange", POOL: "tab:green", NORM: "tab:purple", PARAM: "tab:gray"}
         for ax, col in zip(fig.subplots(1, 3), ["units", "parameters", "connections"]):
             table = df.pivot_table(index="stage", columns="type", values=col, aggfunc="sum", fill_value=0)
@@ -75,8 +69,7 @@ class SizeReport:
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         handles = {h.get_label(): h for ax in fig.axes for h in ax.get_legend_handles_labels()[0]}
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles), fontsize=8)
-        size = "x".join(map(str, self.input_size))
-        fig.suptitle(f"{self.model_name} ({size}): per stage, stacked by layer type")
+        fig.suptitle(f"{self.model_name} ({'x'.join(map(str, self.input_size))}): per stage, stacked by layer type")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
@@ -127,10 +120,7 @@ def _count(mod: nn.Module, kind: str, inp: torch.Tensor, out: torch.Tensor) -> t
         k = getattr(mod, "kernel_size", None)
         if k is None:  # adaptive/global pools: every input unit feeds one window (exact for global pooling)
             return out.numel(), inp.numel()
-        window = 1
-        for d in (k if isinstance(k, tuple) else (k,) * (inp.dim() - 2)):
-            window *= d
-        return out.numel(), out.numel() * window
+        return out.numel(), out.numel() * math.prod(k if isinstance(k, tuple) else (k,) * (inp.dim() - 2))
     return 0, 0  # normalization rescales the units of the layer before it: no new units, no connections
 
 

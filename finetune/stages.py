@@ -1,11 +1,5 @@
-"""Stages of any timm model: an ordered list of parameter groups, stem first and the classifier head last.
-
-The grouping is timm's own ``model.group_matcher(coarse=True)``: one group per stage (an EfficientNet's
-``blocks.3``, a ResNet's ``layer2``). timm's layer-wise learning-rate decay (``param_groups_layer_decay``) uses the
-fine grouping (``coarse=False``, one group per block); a freeze decision is per stage, so the plan and its learning-
-rate multipliers use the coarse one. The classifier (``model.get_classifier()``) is always split out as the last
-group, so "head" means exactly the layer a new task replaces.
-"""
+"""Stages of any timm model: timm's ``group_matcher(coarse=True)`` groups (a freeze decision is per stage), stem
+first, with the classifier (``get_classifier()``, the layer a new task replaces) split out as the last group."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +34,7 @@ def stages(model: torch.nn.Module) -> list[Stage]:
     groups = [g for g in groups if g]
     if head_params:
         groups.append([p for p in names if p in head_params])
-    owner = {p: i for i, g in enumerate(groups) for p in g}
-    modules = _outer_modules(model, owner, len(groups))
+    modules = _outer_modules(model, {p: i for i, g in enumerate(groups) for p in g}, len(groups))
     out = []
     for i, g in enumerate(groups):
         kind = "head" if head_params and i == len(groups) - 1 else ("stem" if i == 0 else "stage")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger
 
@@ -50,7 +51,8 @@ class LogRun(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from .run import Run
         run = Run(self.path)
-        params = _flat(run.recipe.to_dict())
+        flat = pd.json_normalize(run.recipe.to_dict(), sep=".").to_dict("records")[0]  # dotted keys
+        params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
         for g in run.plan.groups:  # MLflow's keys take no '+', which joins module names in a group's name
             params[f"plan.{g.name.replace('+', ' ')}"] = (f"trains from {g.train_from}, lr x{g.lr_mult:.3g}, "
                                                          f"bn: {g.bn_text}")
@@ -68,13 +70,3 @@ class LogRun(pl.Callback):
             elif type(lg).__name__ == "WandbLogger":
                 for f in files:
                     lg.experiment.save(str(f), base_path=str(self.path), policy="now")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

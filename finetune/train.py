@@ -25,7 +25,8 @@ from .images import dataset_percentiles
 from .module import Classifier
 from .preprocess import Pipeline, Preprocess
 from .recipe import Recipe, RecipeError, Train
-from .run import AtomicCheckpointIO, Run, RunError, atomic_write
+from .fileio import atomic_write
+from .run import AtomicCheckpointIO, Run, RunError
 from .startup import StartupTimer
 
 log = logging.getLogger("finetune")
@@ -117,7 +118,6 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         run.write_json("classes.json", classes)
         items.to_csv(run.path / "items.csv", index=False)
         sc.save_report(run.path)
-        n_train = int((items["split"] == "train").sum())
         plan = run_plan(model, recipe_obj, items, classes, chosen, data=data, csv=csv, multi=sc.multilabel)
         run.write_json("plan.json", plan.state_dict())
         run.write_new("plan.txt", plan.explain() + "\n")
@@ -256,6 +256,19 @@ def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: l
                         "wall_time_s": round(done.get("wall_time_s", 0.0) + time.time() - started, 1)}
     summary["final_model"] = "refit"
     run.write_json("summary.json", summary, replace=True)
+
+
+def find_only(data, recipe=None, *, csv=None, out="runs", overrides: list[str] | None = None) -> tuple[Run, dict]:
+    """``finetune lr-find``: a run folder with the finder's curve and rate, and no training; returns it with
+    the rate and its reason."""
+    run = fit(data, recipe, csv=csv, out=out, overrides=[*(overrides or []), "optim.lr=find", "train.refit=false"],
+              progress=False, callbacks=[_StopBeforeTraining()])
+    return run, json.loads((run.path / "lr_find.json").read_text())
+
+
+class _StopBeforeTraining(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
 
 
 def _datamodule(packed: str | None):

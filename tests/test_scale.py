@@ -160,7 +160,7 @@ def test_a_batch_of_failures_only_stops_training_naming_a_file(tmp_path):
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """The textures folder (3 classes, val/ given) with two bad files, and its packed copy."""
-    from finetune.packed import pack
+    from finetune.pack import pack
     from finetune.recipe import load_recipe
     from finetune.examples import texture_folder
     root = tmp_path_factory.mktemp("pack")
@@ -171,7 +171,8 @@ def packed(tmp_path_factory):
 
 
 def test_pack_keeps_classes_splits_and_report_and_never_overwrites(packed, tmp_path):
-    from finetune.packed import PackedData, pack
+    from finetune.pack import pack
+    from finetune.packed import PackedData
     from finetune.recipe import load_recipe
     from finetune.train import prepare
     data, dest = packed
@@ -266,7 +267,7 @@ def test_two_process_ddp_streams_a_share_of_packed_data_to_each_rank(packed, tmp
 
 
 def test_packed_data_without_a_validation_split_trains(tmp_path):
-    from finetune.packed import pack
+    from finetune.pack import pack
     from finetune.recipe import load_recipe
     data = folder(tmp_path / "data", n=4)
     dest = pack(data, load_recipe("natural").override(["train.val_fraction=0"]), str(tmp_path / "packed")).url

@@ -1,10 +1,5 @@
-"""How a plan acts on a model: which weights train at an epoch, how fixed groups stay fixed, AdaBN, and which
-weights may ever train (what DDP must register).
-
-Fixed groups are held in eval mode (BN statistics, dropout and drop-path off) by :func:`hold_eval`, which the
-LightningModule's ``train(mode)`` calls after ``nn.Module.train`` (the way mmdetection's ``frozen_stages`` and
-``norm_eval`` do): no hooks on the model, so nothing outlives training and ``torch.compile`` sees a plain model.
-"""
+"""How a plan acts on a model: which weights train at an epoch, fixed groups held in eval mode by :func:`hold_eval`
+after each ``train()`` (as mmdetection's ``norm_eval``; no hooks, so ``torch.compile`` sees a plain model), AdaBN."""
 from __future__ import annotations
 
 from typing import Iterable, Iterator
@@ -60,10 +55,8 @@ def apply(model: torch.nn.Module, plan: Plan, epoch: int = 0) -> None:
 
 
 def adapt_bn(model: torch.nn.Module, plan: Plan, batches: Iterable, max_batches: int = 50) -> int:
-    """AdaBN: re-estimate the running statistics of the 'adapt' groups on target images, then fix them.
-
-    Returns the number of images seen; every other module runs in eval mode meanwhile; modes are restored.
-    """
+    """AdaBN: re-estimate the running statistics of the 'adapt' groups on target images (every other module in eval
+    mode, modes restored after); returns the number of images seen."""
     bns = [m for g in plan.groups if g.bn == "adapt" for m in _modules(model, g) if isinstance(m, _BN)]
     seen = 0
     if bns:

@@ -1,7 +1,5 @@
-"""The plan: per stage of one model, when it starts training (or never), its learning-rate multiplier and its
-BatchNorm mode. Made from a :class:`~finetune.freeze.rule.Decision` (:func:`auto`), by hand (:func:`fixed`,
-:func:`probe`, :func:`full`), or for a recipe and its data (:func:`plan_for`, what ``fit``, ``finetune plan`` and the
-benchmarks use)."""
+"""The plan: per stage of one model, when it starts training (or never), its lr multiplier and BatchNorm mode; from a
+decision (:func:`auto`), by hand (:func:`fixed`, :func:`probe`, :func:`full`) or for a recipe (:func:`plan_for`)."""
 from __future__ import annotations
 
 import logging
@@ -114,13 +112,8 @@ def make_plan(model: torch.nn.Module, depth: int, *, base_mult: float = 0.1, dec
               bn_fixed: str = "frozen", bn_trained: str = "train", schedule: str = "none",
               epochs: int = 1, probe_epochs: int | None = None, reasons: Iterable[str] = (),
               inputs: dict | None = None) -> Plan:
-    """A plan that fixes the first ``depth`` backbone groups and trains the rest.
-
-    Trained backbone groups get ``base_mult * decay**j`` of the head's learning rate, ``j`` counting back from
-    the group next to the head (discriminative rates). ``schedule`` 'lp-ft' trains only the head for
-    ``probe_epochs``, then releases every trainable group; 'gradual' releases one group per epoch from the top;
-    both fit into ``epochs`` (:func:`finetune.freeze.rule.releases`).
-    """
+    """A plan that fixes the first ``depth`` backbone groups and trains the rest at ``base_mult * decay**j`` of the
+    head's rate (``j`` counting back from the head), released as ``schedule`` says (:func:`rule.releases`)."""
     if bn_fixed not in rule.BN_MODES or bn_trained not in rule.BN_MODES:
         raise ValueError(f"BN modes are {', '.join(rule.BN_MODES)}; got {bn_fixed!r} and {bn_trained!r}")
     st = stages(model)
@@ -160,12 +153,8 @@ def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | 
          distance: float | None = None, epochs: int = 5, batch_size: int = 32,
          bn: str = "auto", schedule: str = "auto", probe_epochs: int | None = None,
          lr_decay: float | None = None) -> Plan:
-    """The automatic plan for ``model`` from dataset size and distance to ImageNet (declared or measured).
-
-    Pass ``distance`` (0 = ImageNet itself, 1 = nothing alike; from :func:`finetune.domain.distance`) or a
-    declared ``domain`` (natural, histology, microscopy, fluorescence). ``bn``/``schedule``/``lr_decay`` other
-    than auto override that part of the decision.
-    """
+    """The automatic plan from dataset size and a measured ``distance`` to ImageNet (0-1) or a declared ``domain``;
+    ``bn``/``schedule``/``lr_decay`` other than auto override that part of the decision."""
     d, source = rule.distance_of(domain, distance)
     return from_decision(model, rule.decide(n_train, n_classes, n_body_groups(model), distance=d, source=source,
                                             epochs=epochs, batch_size=batch_size, bn=bn, schedule=schedule,
@@ -191,10 +180,8 @@ def full(model: torch.nn.Module, **kw) -> Plan:
 
 def plan_for(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: int, *,
              data: str | Path | None = None, csv: str | Path | None = None, per_class: float | None = None) -> Plan:
-    """The plan for this data and recipe: automatic (declared distance, or measured on ``data``/``csv`` when the
-    recipe says ``freeze.domain: measure``), or by hand (full, probe, fixed) with the rule's BN modes for this data
-    unless ``freeze.bn`` names one. ``per_class`` (multi-label data) replaces n_train / n_classes as the images a
-    class: the mean number of training images that carry a label."""
+    """The plan for this data and recipe: automatic (``freeze.domain: measure`` measures on ``data``/``csv``) or by
+    hand with the rule's BN modes; ``per_class`` (multi-label) replaces n_train / n_classes as the images a class."""
     f, t = recipe.freeze, recipe.train
     if f.domain == "measure":
         if data is None and csv is None:
