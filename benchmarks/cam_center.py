@@ -50,7 +50,7 @@ def main() -> None:
     predictor = Predictor.load(args.run, device="cpu")
     files = sorted((DATASETS / "bccd_cells" / args.split / args.label).iterdir())
     k = predictor.classes.index(args.label)
-    right = [f for f, p in zip(files, predictor.probabilities(files).argmax(-1).tolist()) if p == k]
+    right = [f for f, p in zip(files, predictor.probabilities(files)[0].argmax(-1).tolist()) if p == k]
     print(f"{len(right)} of {len(files)} {args.label} images of {args.split} classified right")
     out = Path(args.run) / "cam_center"
     out.mkdir(exist_ok=True)

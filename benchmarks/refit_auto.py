@@ -8,7 +8,8 @@ Protocol of the issue's hidden tasks: tf_efficientnet_lite0, 6 epochs, 128 px (t
 Fashion-MNIST at 64 px), one thread. A task is ``--per-class`` seeded labelled images a class, which ``fit`` splits
 80/20 into train and validation itself (mitocheck by plate/well); test images: hymenoptera its val/ folder,
 bccd_cells a stratified 300 of test/, mitocheck_cells 600 of the plate/well-grouped hold-out, fashion_mnist 100 a
-class of images outside the pool (built from Debian's dataset-fashion-mnist, see ``fashion_folder``).
+class of images outside the pool (built from Debian's dataset-fashion-mnist, see ``fashion_folder``), lfw_faces
+(scikit-image's 25 px gray faces against other crops) 40 a class.
 Variants: each shipped recipe with ``train.refit=false``, the default (``auto`` recipe, ``train.refit: auto``), and
 ``measure`` (the recipe auto picks with ``freeze.domain=measure``, no refit; not in the default list).
 Rows append to ``benchmarks/results/refit_auto.csv``; a rerun skips rows already there.
@@ -33,7 +34,7 @@ OUT = RESULTS / "refit_auto.csv"
 COLUMNS = ["dataset", "variant", "per_class", "seed", "recipe", "refit", "n_labelled", "n_test", "test_acc",
            "test_recall", "val_acc", "fixed_depth", "schedule", "wall_s", "run"]
 VARIANTS = ["natural", "histology", "microscopy", "default"]
-SIZES = {"hymenoptera": 128, "bccd_cells": 128, "mitocheck_cells": 64, "fashion_mnist": 64}
+SIZES = {"hymenoptera": 128, "bccd_cells": 128, "mitocheck_cells": 64, "fashion_mnist": 64, "lfw_faces": 64}
 FASHION_DEB = "/var/cache/apt/archives/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"
 FASHION = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
@@ -59,13 +60,25 @@ def fashion_folder(root: Path = RUNS / "fashion_mnist", per_class: int = 300) ->
     return root
 
 
+def lfw_folder(root: Path = RUNS / "lfw_faces") -> Path:
+    """scikit-image's lfw_subset (25 px gray: 100 faces, 100 other crops of the same photos) as two class folders."""
+    if root.is_dir():
+        return root
+    from PIL import Image
+    from skimage.data import lfw_subset
+    for i, a in enumerate(lfw_subset()):
+        (root / ("face" if i < 100 else "other")).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((a * 255).round().astype(np.uint8)).save(root / ("face" if i < 100 else "other") / f"{i}.png")
+    return root
+
+
 def task(ds: str, per_class: int, seed: int) -> tuple[Path, Path, Path, dict]:
     """(data root, labelled CSV, test CSV, counts) of one task; paths in the CSVs relative to the root."""
-    if ds == "fashion_mnist":
-        root = fashion_folder()
+    if ds in ("fashion_mnist", "lfw_faces"):
+        root = fashion_folder() if ds == "fashion_mnist" else lfw_folder()
         df = pd.DataFrame([(str(p.relative_to(root)), p.parent.name) for p in sorted(root.glob("*/*.png"))],
                           columns=["path", "label"])
-        test = df.groupby("label").head(100)
+        test = df.groupby("label").head(100 if ds == "fashion_mnist" else 40)
         pool = df.drop(test.index)
     else:
         root = DATASETS / ds

@@ -85,9 +85,11 @@ def decide(lk: Look) -> tuple[str, dict, list[str]]:
         return "microscopy", ov, [f"recipe 'microscopy': bright objects on a dark background in {pct(lk.dark)}, as "
                                   f"in fluorescence; per-image percentile scaling, rotations and flips, no hue jitter."]
     if lk.gray >= MAJORITY:
-        return "natural", {}, [f"recipe 'natural': gray images ({pct(lk.gray)}) without a dark background, such as "
-                               f"scans, X-rays and industrial inspection; read and augmented like photos (the "
-                               f"microscopy recipe lost 11 points on such a set)."]
+        return "natural", {"freeze.domain": "measure"}, [
+            f"recipe 'natural': gray images ({pct(lk.gray)}) without a dark background, such as scans, X-rays and "
+            f"industrial inspection, read and augmented like photos (the microscopy recipe lost 11 points on such a "
+            f"set), with the distance to ImageNet measured rather than declared: gray images are farther from "
+            f"ImageNet's photos than natural's 0.07 (Fashion-MNIST measured 0.40, and scored 1-4 points more with it)."]
     seen = (f"median brightness {lk.brightness:.2f} and colourfulness {lk.colourfulness:.2f} over {lk.n} sampled "
             f"images")
     if lk.stained:

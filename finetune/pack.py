@@ -32,8 +32,8 @@ def pack(data: str | os.PathLike | None, recipe: Recipe, out: str, *, csv: str |
     items = items.reset_index(drop=True)
     index = {c: i for i, c in enumerate(classes)}
     workers = workers or max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-    for split in SPLITS:
-        rows = items[items["split"] == split]
+    for split in SPLITS:  # in a seeded random order: litdata shuffles chunks, so a chunk must mix the classes
+        rows = items[items["split"] == split].sample(frac=1.0, random_state=recipe.train.seed)
         if len(rows):
             optimize(fn=_sample, inputs=[(p, index[c], i) for i, p, c in zip(rows.index, rows["path"], rows["label"])],
                      output_dir=_join(out, split), chunk_bytes=chunk_bytes, num_workers=min(workers, len(rows)),

@@ -46,8 +46,8 @@ def test_8_bit_fluorescence_gets_microscopy_and_gray_textures_natural(tmp_path):
     assert choose(dark)[0] == "microscopy"
     mid = _folder(tmp_path / "mid", lambda p, r: Image.fromarray(r.integers(60, 200, (48, 48), dtype=np.uint8)).save(
         f"{p}.png"))
-    name, _, why = choose(mid)
-    assert name == "natural" and "gray images" in why[0]
+    name, overrides, why = choose(mid)
+    assert name == "natural" and overrides == {"freeze.domain": "measure"} and "gray images" in why[0]
 
 
 def test_gray_saved_as_rgb_counts_as_gray(tmp_path):

@@ -186,6 +186,16 @@ def test_pack_keeps_classes_splits_and_report_and_never_overwrites(packed, tmp_p
         pack(data, load_recipe("natural"), str(dest))
 
 
+def test_packed_chunks_mix_the_classes(packed):
+    """Samples are written in a seeded random order, not class by class: litdata's shuffle permutes chunks, so
+    chunks that each held one class would give single-class stretches of an epoch."""
+    from litdata import StreamingDataset
+    _, dest = packed
+    stream = StreamingDataset(str(dest / "train"))
+    labels = [int(stream[i]["label"]) for i in range(20)]
+    assert len(set(labels)) == 3 and labels != sorted(labels)
+
+
 def test_train_from_packed_data_writes_the_same_run_folder(packed, tmp_path):
     data, dest = packed
     runs = tmp_path / "runs"
