@@ -440,7 +440,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         return 0
     for name, desc in list_recipes().items():
         print(f"{name:<14} {desc}")
-    print("\nshow one: finetune recipes NAME; use one: finetune train DATA --recipe NAME (or a YAML path)")
+    print("\nshow one: finetune recipes NAME; use one: finetune train DATA --recipe NAME (or a YAML path); without "
+          "--recipe one is chosen from DATA's images (finetune plan DATA says which and why)")
     return 0
 
 

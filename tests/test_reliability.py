@@ -353,6 +353,7 @@ def test_crafted_pickle_is_refused_by_every_loader_and_runs_nothing(reported, tm
     run = Path(shutil.copytree(reported[0].path, tmp_path / "run"))
     for ckpt in (run / "checkpoints").glob("*.ckpt"):
         shutil.copy(evil, ckpt)
+    (run / "summary.json").unlink()  # a stopped run, which resuming loads (a finished one has nothing to resume)
 
     for path in (evil, legacy):
         with pytest.raises(RunError, match="refused.*nothing in it was executed"):
