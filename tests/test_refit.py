@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from finetune import fit
 from finetune.evaluate import evaluate
 from finetune.recipe import RecipeError, load_recipe
+from finetune.report import render
 from finetune.run import Run
 from finetune.train import refit_wanted
 
@@ -43,6 +44,8 @@ def test_refit_trains_the_final_model_on_train_and_val_and_resumes(textures, tmp
     assert final == run.path / "refit" / "checkpoints" / "last.ckpt" and final != run.checkpoint("best")
     assert "refit: after this plan's run chooses on the" in (run.path / "plan.txt").read_text()
     assert len(run.metrics()) == 1  # the first fit's epochs only; the refit logs in RUN/refit/logs
+    html = render(run)  # the report's header labels both: the first fit's estimate, the refit final model
+    assert "(first fit: an honest validation estimate)" in html and "final model refit on train + val" in html
     # the final model trained on the validation images: evaluating them says so; the best epoch's did not
     assert evaluate(run, split="val", workers=0, report=False).metrics["train_overlap"] == n_val
     assert evaluate(run, split="val", checkpoint="best", workers=0, report=False).metrics["train_overlap"] == 0
