@@ -255,6 +255,8 @@ def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: l
                         "checkpoint": str(last.relative_to(run.path)),
                         "wall_time_s": round(done.get("wall_time_s", 0.0) + time.time() - started, 1)}
     summary["final_model"] = "refit"
+    summary["validation_scores"] = ("the first fit's, on validation images it did not train on: the honest "
+                                    "estimate; the final model (the refit) trained on those images too")
     run.write_json("summary.json", summary, replace=True)
 
 

@@ -39,7 +39,7 @@ def test_refit_trains_the_final_model_on_train_and_val_and_resumes(textures, tmp
     assert seen.fits == [n_train, n_train + n_val]
     s = run.summary
     assert s["final_model"] == "refit" and s["refit"]["images"] == n_train + n_val and s["refit"]["epochs"] == 1
-    assert s["best_score"] is not None  # the first fit's validation score is kept
+    assert s["best_score"] is not None and "first fit" in s["validation_scores"]  # kept, and labelled
     final = run.checkpoint()
     assert final == run.path / "refit" / "checkpoints" / "last.ckpt" and final != run.checkpoint("best")
     assert "refit: after this plan's run chooses on the" in (run.path / "plan.txt").read_text()
