@@ -331,18 +331,14 @@ def _load_recipe(args: argparse.Namespace, why: bool = False):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from . import augment
-    from .backbone import create_backbone
-    from .train import labels_kind, prepare, run_plan
+    from .train import labels_kind, prepare, recipe_model, run_plan
     recipe, chosen = _load_recipe(args, why=True)
     items, classes, sc = prepare(args.data, recipe, csv=args.csv)
     recipe = labels_kind(recipe, sc)
-    b = recipe.backbone
-    model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
-                            in_chans=augment.model_channels(recipe))
+    model = recipe_model(recipe, len(classes))
     n_train = int((items["split"] == "train").sum())
     plan = run_plan(model, recipe, items, classes, chosen, data=args.data, csv=args.csv, multi=sc.multilabel)
-    print(f"{b.name} on {args.data or args.csv}: {n_train} training images, {len(classes)} classes, "
+    print(f"{recipe.backbone.name} on {args.data or args.csv}: {n_train} training images, {len(classes)} classes, "
           f"recipe '{recipe.name}', {recipe.train.epochs} epochs, batches of {recipe.train.batch_size}\n")
     print(plan.explain())
     return 0

@@ -47,7 +47,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
     ckpt_name, folder = str(ckpt.relative_to(run.path)), next_free(run.path, f"eval-{name}-{split}")
     record = {"run": str(run.path), "data": name, "data_path": str(data or csv or run.path / "items.csv"),
               "split": split, "checkpoint": ckpt_name}
-    train = run.training_items(checkpoint)  # after a refit: train + val
+    train = run.training_items(ckpt)  # after a refit: train + val
     if predictor.thresholds is not None:
         return _evaluate_multilabel(run, predictor, items, probs, bad, train, folder, record, n_wrong, report)
     target = torch.tensor([classes.index(c) for c in items["label"]])

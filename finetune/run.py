@@ -174,9 +174,9 @@ class Run:
                            f"ended); start it again")
         return path
 
-    def training_items(self, which: str = "final") -> pd.DataFrame:
-        """The items a checkpoint (:meth:`checkpoint`'s ``which``) trained on: train + val for a refit's."""
-        refit = which == "final" and self.checkpoint(which).is_relative_to(self.path / "refit")
+    def training_items(self, checkpoint: str | Path) -> pd.DataFrame:
+        """The items ``checkpoint`` (a file of this run) trained on: train + val for the refit's."""
+        refit = Path(checkpoint).resolve().is_relative_to((self.path / "refit").resolve())
         return self.items[self.items["split"].isin(["train", "val"] if refit else ["train"])]
 
     def metrics(self) -> pd.DataFrame:

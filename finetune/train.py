@@ -105,10 +105,8 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
         ckpt, pretrained, weights = None, recipe_obj.backbone.pretrained, recipe_obj.backbone.weights
-    b = recipe_obj.backbone
     pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
-    model = create_backbone(b.name, len(classes), pretrained=pretrained, weights=weights,
-                            in_chans=augment.model_channels(recipe_obj), drop_rate=b.drop_rate)
+    model = recipe_model(recipe_obj, len(classes), pretrained=pretrained, weights=weights)
     timer.mark("model")
     if resume is None and shared is None:
         pre = _preprocess(recipe_obj, model, items)
@@ -133,6 +131,15 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
     if refit_wanted(recipe_obj, items, classes, _processes(t))[0] and _is_rank_zero():
         _refit(run, recipe_obj, plan, items, classes, pre, packed, progress, callbacks)
     return run
+
+
+def recipe_model(recipe: Recipe, n_classes: int, *, pretrained: bool | None = None,
+                 weights: str | Path | None = None) -> torch.nn.Module:
+    """The recipe's backbone with a new ``n_classes`` head (its pretrained weights unless told otherwise)."""
+    b = recipe.backbone
+    return create_backbone(b.name, n_classes, pretrained=b.pretrained if pretrained is None else pretrained,
+                           weights=b.weights if pretrained is None else weights,
+                           in_chans=augment.model_channels(recipe), drop_rate=b.drop_rate)
 
 
 def run_plan(model: torch.nn.Module, recipe: Recipe, items: pd.DataFrame, classes: list[str], chosen: list[str] = (),
@@ -210,7 +217,7 @@ def _fit_once(run: Run, root: Path, recipe: Recipe, model: torch.nn.Module, plan
         datamodule, info = cache.cached_training(model, plan, recipe, pre.to_dict(), items, dm, ckpt,
                                                  trainer.strategy.root_device)
         if _is_rank_zero():
-            atomic_write(root / "features.json", json.dumps(info, indent=2))
+            Run(root).write_json("features.json", info, replace=True)
         module_cls = cache.HeadClassifier
     module = module_cls(model, plan, recipe, classes, class_weights=weights, extra={"preprocess": pre.to_dict()})
     if timer is not None:
@@ -240,18 +247,16 @@ def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: l
     done = summary.get("refit", {})
     if done.get("epochs") == recipe.train.epochs:
         return
-    log.info("refit on train + val (%d images), %d epochs", int(items["split"].isin(["train", "val"]).sum()),
-             recipe.train.epochs)
     both = items.assign(split=items["split"].replace({"val": "train"}))
-    b = recipe.backbone
+    n = int((both["split"] == "train").sum())
+    log.info("refit on train + val (%d images), %d epochs", n, recipe.train.epochs)
     pl.seed_everything(recipe.train.seed, workers=True, verbose=False)
-    model = create_backbone(b.name, len(classes), pretrained=b.pretrained, weights=b.weights,
-                            in_chans=augment.model_channels(recipe), drop_rate=b.drop_rate)
+    model = recipe_model(recipe, len(classes))
     fresh = Plan.from_state_dict({**plan.state_dict(), "adapted": False})
     last = root / "checkpoints" / "last.ckpt"
     trainer, _ = _fit_once(run, root, recipe, model, fresh, both, classes, pre, packed,
                            last if last.is_file() else None, progress, list(callbacks))
-    summary["refit"] = {"images": len(both[both["split"] == "train"]), "epochs": trainer.current_epoch,
+    summary["refit"] = {"images": n, "epochs": trainer.current_epoch,
                         "checkpoint": str(last.relative_to(run.path)),
                         "wall_time_s": round(done.get("wall_time_s", 0.0) + time.time() - started, 1)}
     summary["final_model"] = "refit"
