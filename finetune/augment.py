@@ -77,11 +77,9 @@ def data_config(recipe: Recipe, model: torch.nn.Module) -> dict:
 def build_transforms(recipe: Recipe, config: dict, train: bool) -> A.Compose:
     """Train: crop, the recipe's transforms, normalise. Eval: resize (and centre crop), normalise. Out: CHW tensor."""
     source = f"recipe '{recipe.name}'"
-    _, h, w = config["input_size"]
-    interp = _interpolation(config["interpolation"], source)
-    aug = recipe.augment
+    (_, h, w), aug = config["input_size"], recipe.augment
     # cv2 does not antialias when it shrinks (PIL, which timm uses, does): INTER_AREA for downscaling instead.
-    resize = {"interpolation": interp, "area_for_downscale": "image"}
+    resize = {"interpolation": _interpolation(config["interpolation"], source), "area_for_downscale": "image"}
     if train:
         steps = [A.RandomResizedCrop(size=(h, w), scale=aug.crop_scale, ratio=aug.crop_ratio, p=1.0, **resize)
                  if aug.crop == "random_resized" else A.Resize(h, w, p=1.0, **resize)]
