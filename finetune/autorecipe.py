@@ -81,8 +81,9 @@ def decide(lk: Look) -> tuple[str, dict, list[str]]:
                                   f"rescaled from its own percentiles (a fixed /65535 would leave a 12-bit image "
                                   f"nearly black) and has no up (all 8 rotations and flips)."]
     if lk.dark >= DARK_MAJORITY:
-        return "microscopy", colour, [f"recipe 'microscopy': bright objects on a dark background in {pct(lk.dark)}, as "
-                                  f"in fluorescence; per-image percentile scaling, rotations and flips, no hue jitter."]
+        return "microscopy", colour, [
+            f"recipe 'microscopy': bright objects on a dark background in {pct(lk.dark)}, as in fluorescence; "
+            f"per-image percentile scaling, rotations and flips, no hue jitter."]
     if lk.gray >= MAJORITY:
         return "natural", {"freeze.domain": "measure"}, [
             f"recipe 'natural': gray images ({pct(lk.gray)}) without a dark background, such as scans, X-rays and "
