@@ -66,29 +66,20 @@ def data_config(recipe: Recipe, model: torch.nn.Module) -> dict:
     for key in ("mean", "std"):
         value = getattr(im, key)
         if value is None:
-            value = tuple(timm_cfg[key])
-            if n != 3:
-                # timm's adapt_input_conv sums the RGB filters for 1 channel and repeats them (scaled by 3/N) for N:
-                # each input channel stands for an average of R, G and B, so it gets the average statistic.
-                value = (sum(value) / len(value),) * n
+            # timm's adapt_input_conv sums or repeats the RGB filters: each channel gets the average R, G, B statistic
+            value = tuple(timm_cfg[key]) if n == 3 else (sum(timm_cfg[key]) / len(timm_cfg[key]),)
         stats[key] = tuple(float(v) for v in (value * n if len(value) == 1 else value))
-    return {
-        "input_size": (n, int(h), int(w)),
-        "mean": stats["mean"],
-        "std": stats["std"],
-        "crop_pct": float(im.crop_pct if im.crop_pct is not None else timm_cfg.get("crop_pct") or 0.875),
-        "interpolation": im.interpolation or timm_cfg.get("interpolation") or "bicubic",
-    }
+    return {"input_size": (n, int(h), int(w)), **stats,
+            "crop_pct": float(im.crop_pct if im.crop_pct is not None else timm_cfg.get("crop_pct") or 0.875),
+            "interpolation": im.interpolation or timm_cfg.get("interpolation") or "bicubic"}
 
 
 def build_transforms(recipe: Recipe, config: dict, train: bool) -> A.Compose:
     """Train: crop, the recipe's transforms, normalise. Eval: resize (and centre crop), normalise. Out: CHW tensor."""
     source = f"recipe '{recipe.name}'"
-    _, h, w = config["input_size"]
-    interp = _interpolation(config["interpolation"], source)
-    aug = recipe.augment
+    (_, h, w), aug = config["input_size"], recipe.augment
     # cv2 does not antialias when it shrinks (PIL, which timm uses, does): INTER_AREA for downscaling instead.
-    resize = {"interpolation": interp, "area_for_downscale": "image"}
+    resize = {"interpolation": _interpolation(config["interpolation"], source), "area_for_downscale": "image"}
     if train:
         steps = [A.RandomResizedCrop(size=(h, w), scale=aug.crop_scale, ratio=aug.crop_ratio, p=1.0, **resize)
                  if aug.crop == "random_resized" else A.Resize(h, w, p=1.0, **resize)]
@@ -115,8 +106,7 @@ def check_transforms(recipe: Recipe, source: str = "recipe") -> None:
     c, size = read_channels(recipe), im.size or 224
     image = np.random.default_rng(0).random((size, size, c), dtype=np.float32)
     for i, spec in enumerate(aug.transforms):
-        for where, leaf in _leaves(_make(spec, f"augment.transforms[{i}]", source), f"augment.transforms[{i}]"):
-            _trial(leaf, where, image, recipe, source)
+        _trial(_make(spec, f"augment.transforms[{i}]", source), f"augment.transforms[{i}]", image, recipe, source)
 
 
 def pipeline_to_dict(compose: A.Compose) -> dict:
@@ -195,14 +185,12 @@ def _make(spec: dict, where: str, source: str) -> Any:
                           + "; ".join(lines).replace("for InitSchema", f"for {name}")) from None
 
 
-def _leaves(t: Any, where: str) -> list[tuple[str, Any]]:
-    if isinstance(t, A.BaseCompose):
-        return [leaf for j, c in enumerate(t.transforms) for leaf in _leaves(c, f"{where}.transforms[{j}]")]
-    return [(where, t)]
-
-
 def _trial(t: Any, where: str, image: np.ndarray, recipe: Recipe, source: str) -> None:
-    """Run one transform with p=1 on a float32 image; it must keep the shape and the float32 dtype."""
+    """Run each transform of ``t`` with p=1 on a float32 image; it must keep the shape and the float32 dtype."""
+    if isinstance(t, A.BaseCompose):
+        for j, child in enumerate(t.transforms):
+            _trial(child, f"{where}.transforms[{j}]", image, recipe, source)
+        return
     name, c = type(t).__name__, image.shape[-1]
     t.p = 1.0
     t.set_random_seed(0)

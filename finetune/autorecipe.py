@@ -73,25 +73,24 @@ def look(paths: list[str], max_pixels: int) -> Look:
 def decide(lk: Look) -> tuple[str, dict, list[str]]:
     """(shipped recipe, overrides of it, the reasons in words) for what the images are."""
     pct = lambda share: f"{share:.0%} of {lk.n} sampled images"  # noqa: E731
+    colour = {} if lk.gray >= MAJORITY else {"image.channels": 3}  # microscopy: read colour files as colour
     if lk.deep >= MAJORITY or lk.channels > 4:
         what = (f"{lk.channels} channels a file" if lk.channels > 4 else f"more than 8 bits a sample in {pct(lk.deep)}")
-        ov = ({"image.channels": lk.channels, "image.stem": "adapt"} if lk.channels > 4 else
-              {} if lk.gray >= MAJORITY else {"image.channels": 3})
+        ov = {"image.channels": lk.channels, "image.stem": "adapt"} if lk.channels > 4 else colour
         return "microscopy", ov, [f"recipe 'microscopy': {what}, as cameras on microscopes write them; each image is "
                                   f"rescaled from its own percentiles (a fixed /65535 would leave a 12-bit image "
                                   f"nearly black) and has no up (all 8 rotations and flips)."]
     if lk.dark >= DARK_MAJORITY:
-        ov = {} if lk.gray >= MAJORITY else {"image.channels": 3}
-        return "microscopy", ov, [f"recipe 'microscopy': bright objects on a dark background in {pct(lk.dark)}, as "
-                                  f"in fluorescence; per-image percentile scaling, rotations and flips, no hue jitter."]
+        return "microscopy", colour, [
+            f"recipe 'microscopy': bright objects on a dark background in {pct(lk.dark)}, as in fluorescence; "
+            f"per-image percentile scaling, rotations and flips, no hue jitter."]
     if lk.gray >= MAJORITY:
         return "natural", {"freeze.domain": "measure"}, [
             f"recipe 'natural': gray images ({pct(lk.gray)}) without a dark background, such as scans, X-rays and "
             f"industrial inspection, read and augmented like photos (the microscopy recipe lost 11 points on such a "
             f"set), with the distance to ImageNet measured rather than declared: gray images are farther from "
             f"ImageNet's photos than natural's 0.07 (Fashion-MNIST measured 0.40, and scored 1-4 points more with it)."]
-    seen = (f"median brightness {lk.brightness:.2f} and colourfulness {lk.colourfulness:.2f} over {lk.n} sampled "
-            f"images")
+    seen = f"median brightness {lk.brightness:.2f} and colourfulness {lk.colourfulness:.2f} over {lk.n} sampled images"
     if lk.stained:
         return "histology", {}, [f"recipe 'histology': a bright background and muted colours ({seen}; stained "
                                  f"slides and smears: >= {STAIN_BRIGHT} and < {STAIN_COLOURFUL}), as in stained "
@@ -118,20 +117,17 @@ def choose(data, csv=None, max_pixels: int = 89_478_485) -> tuple[str, dict, lis
 
 def resolve(recipe, data=None, csv=None, overrides=None):
     """(Recipe, why it was chosen): ``recipe`` as given (a Recipe, a shipped name or a YAML path), or for None or
-    'auto' the recipe :func:`choose` picks from the images (packed data: the one it was packed with); the user's
-    ``overrides`` apply last either way."""
+    'auto' the one :func:`choose` picks (packed data: the one it was packed with); ``overrides`` apply last."""
     from .data import is_packed
     from .recipe import Recipe, load_recipe
     if isinstance(recipe, Recipe):
         chosen, why = recipe, []
-    elif recipe not in (None, "auto"):
-        chosen, why = load_recipe(recipe), []
+    elif recipe not in (None, "auto") or data is None and csv is None:
+        chosen, why = load_recipe(None if recipe == "auto" else recipe), []  # None: natural
     elif is_packed(data):
         from .packed import PackedData
         name = PackedData(str(data)).meta.get("recipe", "natural")
         chosen, why = load_recipe(name), [f"recipe '{name}': the one {data} was packed with."]
-    elif data is None and csv is None:
-        chosen, why = load_recipe("natural"), []
     else:
         name, ov, why = choose(data, csv)
         chosen = load_recipe(name, ov)

@@ -52,14 +52,10 @@ class Preprocess:
         return (transform or self.eval_transform())(self.intensity_fn()(img))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["percentiles"] = list(d["percentiles"])
-        d["stats"] = None if self.stats is None else [list(s) for s in self.stats]
-        return d
+        stats = None if self.stats is None else [list(s) for s in self.stats]
+        return {**asdict(self), "percentiles": list(self.percentiles), "stats": stats}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        d = dict(d)
-        d["percentiles"] = tuple(d["percentiles"])
-        d["stats"] = None if d.get("stats") is None else tuple(list(s) for s in d["stats"])
-        return cls(**d)
+        stats = None if d.get("stats") is None else tuple(list(s) for s in d["stats"])
+        return cls(**{**d, "percentiles": tuple(d["percentiles"]), "stats": stats})

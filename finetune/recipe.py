@@ -1,13 +1,10 @@
-"""The recipe: one validated object that carries every setting from a YAML file to the run folder.
-
-A recipe is a tree of dataclasses. YAML files (shipped ones in ``recipes/`` or a user's own) are merged
-onto the defaults, may ``extends:`` another recipe, and take ``section.key=value`` overrides; every key and
-value is checked once, here, so the rest of the code never re-validates.
-"""
+"""The recipe: a validated tree of dataclasses carrying every setting from YAML (``extends:``, ``key=value``
+overrides) to the run folder; every key and value is checked once, here, so the rest of the code never re-validates."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -79,8 +76,7 @@ class Freeze:
 
 @dataclass
 class Optim:
-    """Optimiser and learning-rate schedule; ``lr`` is the head's rate, the backbone gets a fraction of it
-    (``find``: Lightning's learning-rate finder picks it before training)."""
+    """Optimiser and schedule; ``lr`` is the head's rate, the backbone's a fraction (``find``: Lightning's finder)."""
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: Union[float, Literal["find"]] = 1e-3
@@ -119,14 +115,13 @@ class Train:
     channels_last: bool = False
     compile: bool = False
     cache_features: Union[bool, str] = "auto"
-    # after the fit that chose the epoch on the validation split, a second fit on train + val gives the final model
-    refit: Union[bool, str] = "auto"  # auto: for single-label data under REFIT_BELOW labelled images a class
+    # a second fit on train + val after the one that chose the epoch; auto: single-label, under REFIT_BELOW a class
+    refit: Union[bool, str] = "auto"
     max_bad_fraction: float = 0.2
     scan: Literal["auto", "full", "header"] = "auto"  # auto: headers only from data.HEADER_ONLY_FROM files on
     strict: bool = False
     allow_outside: bool = False
-    # Lightning loggers besides the CSV log (always written): tensorboard, mlflow (MLFLOW_TRACKING_URI, else
-    # RUN/mlruns), wandb
+    # besides the CSV log (always written): tensorboard, mlflow (MLFLOW_TRACKING_URI, else RUN/mlruns), wandb
     loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["csv"])
 
 
@@ -146,7 +141,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """Plain dict (tuples as lists) that ``from_dict`` and YAML round-trip."""
-        return _plain(dataclasses.asdict(self))
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -160,7 +155,14 @@ class Recipe:
         """A new recipe with ``{'optim.lr': 3e-4}`` or ``['optim.lr=3e-4']`` applied and validated."""
         data = self.to_dict()
         for key, value in _parse_overrides(overrides):
-            _set_dotted(data, key, value)
+            node, (*parents, last) = data, key.split(".")
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    _unknown(p, [k for k, v in node.items() if isinstance(v, dict)], "", "override")
+                node = node[p]
+            if last not in node:
+                _unknown(last, list(node), ".".join(parents), "override")
+            node[last] = value
         return from_dict(data, source)
 
 
@@ -174,21 +176,20 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.val_fraction": (0, 0.9), "train.max_bad_fraction": (0, 1),
 }
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_KINDS = {type(None): "null", int: "an integer", float: "a number", str: "text", bool: "true or false",
+          dict: "a mapping", list: "a list", tuple: "a list"}
 DOMAIN_WORDS = ("natural", "histology", "microscopy", "fluorescence", "measure")
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Recipe:
     """Validate a nested dict against the schema; ``source`` names the file in errors."""
-    data = dict(data)
-    data.pop("extends", None)
-    recipe = _build(Recipe, data, "", source)
+    recipe = _build(Recipe, {k: v for k, v in data.items() if k != "extends"}, "", source)
     _check_consistency(recipe, source)
     return recipe
 
 
 def load_recipe(name_or_path: str | Path | None = None, overrides: dict | list | None = None) -> Recipe:
-    """Load a shipped recipe by name (``natural``, the default) or a YAML file by path, resolve ``extends``,
-    apply overrides."""
+    """A shipped recipe by name (default ``natural``) or a YAML path, ``extends`` resolved, overrides applied."""
     path = resolve_path(name_or_path or "natural")
     recipe = from_dict(_load_tree(path, ()), str(path))
     return recipe.override(overrides) if overrides else recipe
@@ -196,31 +197,23 @@ def load_recipe(name_or_path: str | Path | None = None, overrides: dict | list |
 
 def list_recipes() -> dict[str, str]:
     """Shipped recipe names and their one-line descriptions."""
-    out = {}
-    for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        data = _read_yaml(path)
-        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
-    return out
+    return {path.stem: (str(_read_yaml(path).get("description") or "").strip().splitlines() or [""])[0]
+            for path in sorted(RECIPE_DIR.glob("*.yaml"))}
 
 
 def resolve_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
     """A recipe file: an existing path (absolute, or relative to ``relative_to``), else a shipped name."""
-    candidates = [Path(name_or_path)]
-    if relative_to is not None:
-        candidates.insert(0, relative_to / name_or_path)
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
+    for candidate in ([] if relative_to is None else [relative_to / name_or_path]) + [Path(name_or_path)]:
+        if candidate.is_file():
+            return candidate.resolve()
     shipped = RECIPE_DIR / f"{Path(str(name_or_path)).stem}.yaml"
     if shipped.is_file() and not str(name_or_path).endswith((".yaml", ".yml")):
         return shipped
     names = sorted(list_recipes())
     hint = difflib.get_close_matches(str(name_or_path), names, n=1)
-    raise RecipeError(
-        f"recipe '{name_or_path}' is neither a file nor a shipped recipe"
-        + (f"; did you mean '{hint[0]}'?" if hint else "")
-        + f" Shipped recipes: {', '.join(names)}; or pass the path to your own YAML file."
-    )
+    raise RecipeError(f"recipe '{name_or_path}' is neither a file nor a shipped recipe"
+                      + (f"; did you mean '{hint[0]}'?" if hint else "")
+                      + f" Shipped recipes: {', '.join(names)}; or pass the path to your own YAML file.")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -231,22 +224,19 @@ def _read_yaml(path: Path) -> dict:
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}; "
                           f"recipes are plain YAML (no !!python tags)") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections (backbone:, image:, ...), got {type(data).__name__}")
-    return data
+    if not isinstance(data, (dict, type(None))):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (backbone:, image:, ...), "
+                          f"got {type(data).__name__}")
+    return data or {}
 
 
 def _load_tree(path: Path, seen: tuple[Path, ...]) -> dict:
     if path in seen:
         raise RecipeError(f"{path}: 'extends' loops back to itself through {' -> '.join(map(str, seen))}")
     data = _read_yaml(path)
-    parent = data.get("extends")
-    if parent is None:
+    if data.get("extends") is None:
         return data
-    base = _load_tree(resolve_path(parent, relative_to=path.parent), seen + (path,))
-    return _merge(base, data)
+    return _merge(_load_tree(resolve_path(data["extends"], relative_to=path.parent), seen + (path,)), data)
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -258,12 +248,10 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def _parse_overrides(overrides: dict | list | None) -> list[tuple[str, Any]]:
-    if not overrides:
-        return []
     if isinstance(overrides, dict):
         return list(overrides.items())
     pairs = []
-    for item in overrides:
+    for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"override '{item}' is not key=value; write for example --set optim.lr=3e-4")
@@ -277,18 +265,6 @@ def _parse_overrides(overrides: dict | list | None) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    *parents, last = key.split(".")
-    for p in parents:
-        if not isinstance(node.get(p), dict):
-            _unknown(p, [k for k, v in node.items() if isinstance(v, dict)], "", "override")
-        node = node[p]
-    if last not in node:
-        _unknown(last, list(node), ".".join(parents), "override")
-    node[last] = value
-
-
 def _unknown(key: str, valid: list[str], prefix: str, source: str) -> None:
     full = f"{prefix}.{key}" if prefix else key
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -299,24 +275,20 @@ def _unknown(key: str, valid: list[str], prefix: str, source: str) -> None:
 def _build(cls: type, data: Any, prefix: str, source: str):
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: '{prefix}' must be a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)  # the dataclass's fields, in order
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            _unknown(str(key), names, prefix, source)
-        where = f"{prefix}.{key}" if prefix else key
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, where, source)
-        else:
-            kwargs[key] = _coerce(value, tp, where, source)
+        if key not in hints:
+            _unknown(str(key), list(hints), prefix, source)
+        where, tp = f"{prefix}.{key}" if prefix else key, hints[key]
+        kwargs[key] = _build(tp, value or {}, where, source) if dataclasses.is_dataclass(tp) else _coerce(
+            value, tp, where, source)
     return cls(**kwargs)
 
 
 def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it in canonical form (tuples, floats)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
     if origin in (Union, types.UnionType):
         errors = []
         for option in args:
@@ -327,7 +299,7 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (int in args or float in args):
             raise errors[args.index(int if int in args else float)]  # the number's own error: its range
         raise errors[0] if len(args) == 2 and type(None) in args and value is not None else RecipeError(
-            f"{source}: '{where}' = {value!r} must be one of: {' or '.join(_type_name(a) for a in args)}")
+            f"{source}: '{where}' = {value!r} must be one of: {' or '.join(map(_type_name, args))}")
     if tp is type(None):
         if value is None:
             return None
@@ -338,50 +310,32 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
         raise RecipeError(f"{source}: '{where}' = {value!r} is not allowed; choose one of {', '.join(map(str, args))}"
                           + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{source}: '{where}' must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise RecipeError(f"{source}: '{where}' must have {len(args)} items, got {list(value)!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{source}: '{where}' must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)] if args else list(value)
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{source}: '{where}' must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise RecipeError(f"{source}: '{where}' must be true or false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             value = float(value)  # PyYAML reads 3e-4 (no dot) as text
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if tp is int and ok and float(value) != int(value):
-            ok = False
-        if not ok:
-            raise RecipeError(f"{source}: '{where}' must be a{'n integer' if tp is int else ' number'}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or tp is int and float(value) != int(value):
+            raise RecipeError(f"{source}: '{where}' must be {_KINDS[tp]}, got {value!r}")
         value = tp(value)
         lo, hi = _RANGES.get(where.split("[")[0], (-float("inf"), float("inf")))
         if not lo <= value <= hi:
             raise RecipeError(f"{source}: '{where}' = {value} is out of range; use a value in [{lo:g}, {hi:g}]")
         return value
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise RecipeError(f"{source}: '{where}' must be text, got {value!r}")
-    raise TypeError(f"schema type {tp} of '{where}' is not supported")
+    if origin not in _KINDS:  # int, float and None returned above
+        raise TypeError(f"schema type {tp} of '{where}' is not supported")
+    if not isinstance(value, (list, tuple) if origin is tuple else origin):
+        raise RecipeError(f"{source}: '{where}' must be {_KINDS[origin]}, got {value!r}")
+    if origin is tuple and args[-1] is not Ellipsis and len(value) != len(args):
+        raise RecipeError(f"{source}: '{where}' must have {len(args)} items, got {list(value)!r}")
+    if origin in (list, tuple):  # every list and tuple in the schema says what its items are
+        item_types = args if origin is tuple and args[-1] is not Ellipsis else [args[0]] * len(value)
+        return origin(_coerce(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, item_types)))
+    return origin(value)
 
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "|".join(map(str, typing.get_args(tp)))
-    return {type(None): "null", int: "an integer", float: "a number", str: "text", bool: "true/false"}.get(tp, str(tp))
+    return "true/false" if tp is bool else _KINDS.get(tp, str(tp))
 
 
 def _check_consistency(r: Recipe, source: str) -> None:
@@ -398,31 +352,22 @@ def _check_consistency(r: Recipe, source: str) -> None:
                           f"(that copies one channel to three); set image.stem: adapt")
     if r.image.channels == 2:
         raise RecipeError(f"{source}: 'image.channels' = 2 is not supported: use 1, 3 or 4 and more (adapted stem)")
+    n = r.image.channels if r.image.stem == "adapt" else 3
     for key in ("mean", "std"):
         v = getattr(r.image, key)
-        n = r.image.channels if r.image.stem == "adapt" else 3
         if v is not None and len(v) not in (1, n):
-            raise RecipeError(f"{source}: 'image.{key}' has {len(v)} values but the model sees {n} channels "
-                              f"(image.channels={r.image.channels}, image.stem={r.image.stem}); give {n} values or null")
+            raise RecipeError(f"{source}: 'image.{key}' has {len(v)} values but the model sees {n} channels (image."
+                              f"channels={r.image.channels}, image.stem={r.image.stem}); give {n} values or null")
     if r.freeze.mode == "fixed" and r.freeze.depth is None:
         raise RecipeError(f"{source}: 'freeze.mode' = fixed needs 'freeze.depth' (how many leading groups stay fixed)")
     lo, hi = r.augment.crop_scale
     if not 0 < lo <= hi <= 1:
         raise RecipeError(f"{source}: 'augment.crop_scale' = [{lo}, {hi}] must satisfy 0 < low <= high <= 1")
-    if isinstance(r.train.refit, str) and r.train.refit != "auto":
-        raise RecipeError(f"{source}: 'train.refit' = {r.train.refit!r}: use auto, true or false")
-    if isinstance(r.train.cache_features, str) and r.train.cache_features != "auto":
-        raise RecipeError(f"{source}: 'train.cache_features' = {r.train.cache_features!r}: use auto, true or false")
-    if isinstance(r.train.num_workers, str) and r.train.num_workers != "auto":
-        raise RecipeError(f"{source}: 'train.num_workers' = {r.train.num_workers!r}: use auto or a number")
+    for key in ("refit", "cache_features", "num_workers"):
+        value = getattr(r.train, key)
+        if isinstance(value, str) and value != "auto":
+            use = "auto or a number" if key == "num_workers" else "auto, true or false"
+            raise RecipeError(f"{source}: 'train.{key}' = {value!r}: use {use}")
     for i, t in enumerate(r.augment.transforms):
         if "name" not in t:
             raise RecipeError(f"{source}: 'augment.transforms[{i}]' = {t!r} needs a 'name' (an albumentations class)")
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
