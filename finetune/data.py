@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import multilabel, scancache
 from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageInfo, _check_channels, examine, read_image,
                      to_unit_float)
+from .multilabel import stratified_val
 
 if TYPE_CHECKING:  # torch is imported where a dataset is read: a (cached) scan need not wait seconds for it
     import torch
@@ -61,11 +62,9 @@ class Scan:
     def report(self) -> str:
         """Counts per class and split, image sizes and dtypes, every bad file with its reason, and the warnings."""
         lines = [f"Data: {self.source}",
-                 f"{len(self.items)} images in {len(self.classes)} classes; {len(self.bad)} bad files skipped", ""]
-        if self.multilabel:
-            lines.append(multilabel.counts_report(self.items, self.classes))
-        else:
-            lines += [counts_table(self.items, self.classes).to_string(), ""]
+                 f"{len(self.items)} images in {len(self.classes)} classes; {len(self.bad)} bad files skipped", "",
+                 multilabel.counts_report(self.items, self.classes) if self.multilabel
+                 else counts_table(self.items, self.classes).to_string() + "\n"]
         info = self.image_info
         if len(info):
             dtypes = ", ".join(f"{k} ({v})" for k, v in info["dtype"].value_counts().items())
@@ -74,10 +73,8 @@ class Scan:
                       f"{info.height.max()} px (median {int(info.width.median())}x{int(info.height.median())})",
                       f"dtype: {dtypes}; channels in the files: {chans}", ""]
         if len(self.bad):
-            kinds = self.bad["reason"].str.split(":").str[0].value_counts()
-            lines.append(f"Bad files ({len(self.bad)}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) + "):")
-            lines += [f"  {_rel(p, self.root)}: {r}" for p, r in zip(self.bad["path"], self.bad["reason"])]
-            lines.append("")
+            lines.append(f"Bad files ({len(self.bad)}: {_kinds(self.bad['reason'])}):")
+            lines += [f"  {_rel(p, self.root)}: {r}" for p, r in zip(self.bad["path"], self.bad["reason"])] + [""]
         if self.warnings:
             lines.append(f"Warnings ({len(self.warnings)}):")
             lines += [f"  - {w}" for w in self.warnings]
@@ -95,8 +92,7 @@ def save_report(folder: str | os.PathLike, bad: pd.DataFrame, report: str) -> tu
         if p.exists():
             raise FileExistsError(f"{p} exists: save_report writes into a new run folder only")
     Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(paths[0], "x", newline="") as f:
-        bad.to_csv(f, index=False)
+    bad.to_csv(paths[0], index=False, mode="x")
     with open(paths[1], "x") as f:
         f.write(report)
     return paths
@@ -126,7 +122,9 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
     info = pd.DataFrame([r for r in checked if isinstance(r, tuple)],
                         columns=["path", "width", "height", "channels", "dtype"])
 
-    held = [(p, r) for p, r in bad if not _sidecar(p, r)]
+    # a non-image file with a non-image extension (notes.txt, labels.json) is listed, not held against the data
+    held = [(p, r) for p, r in bad
+            if not r.startswith("not an image") or os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
     total = len(good) + len(held)
     if held and len(held) / total > max_bad_fraction:
         raise DataError(f"{len(held)} of {total} files under {root} are bad ({len(held) / total:.0%} > "
@@ -141,11 +139,11 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
         good = _class_warnings(good, rows, min_per_class, labels, warnings)
     classes = sorted(set(labels)) if labels is not None else (
         multilabel.classes_of(good["label"]) if multi else sorted(good["label"].unique()))
-    items = good.drop(columns=["_line", "_abs"]).sort_values("path", kind="stable").reset_index(drop=True)
-    bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable")
+    items = good.drop(columns=["_line", "_abs"]).sort_values("path", kind="stable", ignore_index=True)
+    bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable",
+                                                                       ignore_index=True)
     info = info[info["path"].isin(items["path"])].reset_index(drop=True)
-    return Scan(root, source, items, bad_df.reset_index(drop=True), classes,
-                {c: i for i, c in enumerate(classes)}, warnings, info, multi)
+    return Scan(root, source, items, bad_df, classes, {c: i for i, c in enumerate(classes)}, warnings, info, multi)
 
 
 def counts_table(items: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
@@ -159,8 +157,7 @@ def counts_table(items: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 def is_packed(data: str | os.PathLike | None) -> bool:
-    """Whether ``data`` was written by ``finetune pack``: a folder with its index file, or any URL (s3://...), as
-    image folders are local."""
+    """Whether ``data`` was written by ``finetune pack``: a folder with its index file, or any URL (s3://...)."""
     return data is not None and ("://" in str(data) or (Path(data) / PACK_INDEX).is_file())
 
 
@@ -175,12 +172,16 @@ def split(items: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     if (out["split"] == "val").any() or val_fraction == 0:
         return out
     pool = out[out["split"] == "train"].sort_values("path", kind="stable")
-    if multilabel and groups is None:
-        val = _multilabel_val(pool, val_fraction, seed)
-    elif groups is None:
-        val = _stratified(pool, val_fraction, seed)
+    if groups is not None:
+        val = _grouped(pool, groups, val_fraction, seed)
+    elif multilabel:
+        val = stratified_val(pool, val_fraction, seed)
     else:
-        val = _grouped(pool, _group_keys(pool, groups), val_fraction, seed)
+        val = []
+        for label, rows in pool.groupby("label", sort=True):
+            # one generator per class: adding a class does not reshuffle the others
+            rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
+            val += list(rng.permutation(rows.index.to_numpy())[: int(_n_val(len(rows), val_fraction))])
     out.loc[val, "split"] = "val"
     return out
 
@@ -193,8 +194,7 @@ class ImageDataset:
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None,
                  intensity: Callable[[np.ndarray], np.ndarray] | None = None, *, max_pixels: int = MAX_PIXELS,
                  skipped: str | os.PathLike | None = None, multi: bool = False):
-        sets = multilabel.label_sets(items["label"]) if multi else [[c] for c in items["label"]]
-        unknown = sorted({c for s in sets for c in s} - set(class_to_idx))
+        unknown = sorted(set(multilabel.classes_of(items["label"]) if multi else items["label"]) - set(class_to_idx))
         if unknown:
             raise DataError(f"labels {unknown[:5]} are not in the class map {list(class_to_idx)[:10]}: "
                             f"build class_to_idx from the same scan as the items")
@@ -208,11 +208,8 @@ class ImageDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | ImageError:
-        return self.sample(str(self.paths[index]), self.target(index))
-
-    def target(self, index: int) -> int | np.ndarray:
-        """The class index, or a multi-label image's 0/1 vector (the loader's collate makes it a tensor)."""
-        return int(self.targets[index]) if self.targets.ndim == 1 else self.targets[index]
+        target = int(self.targets[index]) if self.targets.ndim == 1 else self.targets[index]  # multi: a 0/1 vector
+        return self.sample(str(self.paths[index]), target)
 
     def sample(self, path: str, target: int | np.ndarray, data: bytes | None = None) -> tuple | ImageError:
         """One image (from ``data``, its bytes, if given) read, scaled and transformed, or its recorded error."""
@@ -232,15 +229,13 @@ class ImageDataset:
 
 
 def record_skipped(csv: str | os.PathLike, path: str, reason: str) -> None:
-    """Append a ``path,reason`` row to ``csv`` (its header written by the caller) in one write: O_APPEND, so
-    loader workers and ranks never interleave."""
+    """Append a ``path,reason`` row to ``csv`` in one O_APPEND write, so loader workers and ranks never interleave."""
     with open(csv, "a") as f:
         f.write(pd.DataFrame({"path": [path], "reason": [reason]}).to_csv(index=False, header=False))
 
 
 def drop_failed(batch: list) -> Any:
-    """DataLoader collate that leaves out samples that failed to read (ImageError); a batch of failures only
-    stops training: the data must have changed as a whole (a folder unmounted?)."""
+    """DataLoader collate leaving out failed reads (ImageError); a batch of failures only stops training."""
     good = [b for b in batch if not isinstance(b, ImageError)]
     if not good:
         raise DataError(f"every image of a batch failed to read, e.g. {batch[0]}: the data changed since the scan "
@@ -250,21 +245,18 @@ def drop_failed(batch: list) -> Any:
 
 
 def default_workers() -> int:
-    """Loader processes: with a GPU every core but one (at most 8); on the CPU, where the model is the bottleneck
-    (benchmarks/README.md), one worker, none on 2 cores or fewer."""
+    """Loader processes: with a GPU every core but one (at most 8); on the CPU one, none on 2 cores or fewer."""
     import torch
     cores = _cores()
     return max(0, min(8, cores - 1)) if torch.cuda.is_available() else int(cores > 2)
 
 
 def bad_files_note(bad: pd.DataFrame, listed_in: str | os.PathLike) -> str | None:
-    """The console's one line about skipped files (a table with a ``reason`` column): how many, of which kinds,
-    and where the list is; None when nothing was skipped."""
+    """The console's one line about skipped files (a ``reason`` column): how many, which kinds, where listed."""
     if not len(bad):
         return None
-    kinds = bad["reason"].astype(str).str.split(":").str[0].value_counts()
-    return (f"{len(bad)} unreadable file{'s' if len(bad) > 1 else ''} skipped ("
-            + ", ".join(f"{k} {v}" for k, v in kinds.items()) + f"): listed in {listed_in}")
+    return f"{len(bad)} unreadable file{'s' if len(bad) > 1 else ''} skipped ({_kinds(bad['reason'])}): " \
+           f"listed in {listed_in}"
 
 
 # -- finding files -----------------------------------------------------------------------------------------------
@@ -291,10 +283,6 @@ def _ignored(name: str) -> bool:
 
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir() and not _ignored(e.name))
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(e.path for e in os.scandir(folder) if not e.is_dir() and not _ignored(e.name))
 
 
 def _walk(folder: Path) -> list[str]:
@@ -334,39 +322,33 @@ def _folder_rows(root: Path, warnings: list[str]) -> tuple[pd.DataFrame, str]:
         if not files:
             warnings.append(f"empty class folder '{_rel(class_dir, root)}': ignored, not a class")
         rows += [(f, class_dir.name, name) for f in files]
-    out = pd.DataFrame(rows, columns=["path", "label", "split"], dtype=str)
-    out["_line"], out["_abs"] = 0, False
-    return out, source
+    return pd.DataFrame(rows, columns=["path", "label", "split"], dtype=str).assign(_line=0, _abs=False), source
 
 
 def _stray(folder: Path, root: Path, warnings: list[str]) -> None:
     """Warn about image files lying next to the class folders, where no label can be read from the path."""
-    stray = [f for f in _files(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    stray = sorted(e.path for e in os.scandir(folder) if not e.is_dir() and not _ignored(e.name)
+                   and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
     if stray:
         warnings.append(f"{len(stray)} image files directly in '{_rel(folder, root)}' are in no class folder: ignored "
                         f"(e.g. {os.path.basename(stray[0])})")
 
 
 def _csv_rows(csv: Path, root: Path, warnings: list[str]) -> tuple[pd.DataFrame, bool]:
-    """The CSV's rows (path, label, split, _line, extra columns) and whether it is multi-label (then each label
-    cell is a ';'-joined label set)."""
+    """The CSV's rows (path, label, split, _line, _abs, extra columns) and whether it is multi-label."""
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:
         raise DataError(f"cannot read {csv} as CSV: {e}") from None
     df.columns = [str(c).strip() for c in df.columns]
-    lower = {c.lower(): c for c in df.columns}
-    form = multilabel.csv_form(df) if "path" in lower else None
-    if form is not None:
-        try:
-            cells, found = multilabel.label_cells(df, form, np.arange(len(df)) + 2, str(csv))
-        except multilabel.LabelError as e:
-            raise DataError(str(e)) from None
-        keep = [c for c in df.columns if c.lower() in ("path", "split")] if form == "columns" else \
-            [c for c in df.columns if c.lower() not in ("label", "labels")]
-        df = df[keep].assign(label=cells)
-        lower = {c.lower(): c for c in df.columns}
+    try:
+        multi = multilabel.csv_labels(df, str(csv)) if "path" in [c.lower() for c in df.columns] else None
+    except multilabel.LabelError as e:
+        raise DataError(str(e)) from None
+    if multi is not None:
+        df, found = multi
         warnings += found
+    lower = {c.lower(): c for c in df.columns}
     if "path" not in lower or "label" not in lower:
         raise DataError(f"{csv} needs columns path,label[,split] (multi-label: path,labels with ';' between labels, "
                         f"or one 0/1 column a label); it has {list(df.columns)}")
@@ -380,7 +362,7 @@ def _csv_rows(csv: Path, root: Path, warnings: list[str]) -> tuple[pd.DataFrame,
     df["path"] = [os.path.normpath(os.path.join(root, p)) if p else "" for p in df["path"]]
     df["_line"] = np.arange(len(df)) + 2  # the header is line 1
     extra = [c for c in df.columns if c not in ("path", "label", "split", "_line", "_abs")]
-    return df[["path", "label", "split", "_line", "_abs", *extra]], form is not None
+    return df[["path", "label", "split", "_line", "_abs", *extra]], multi is not None
 
 
 def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels,
@@ -422,8 +404,7 @@ def _precheck(rows: pd.DataFrame, root: Path, allow_outside: bool, labels,
     if labels is not None:
         known = set(labels)
         for i, label in enumerate(labels_):
-            unknown = [lab for lab in label.split(multilabel.SEP) if lab and lab not in known] if multi else \
-                ([label] if label not in known else [])
+            unknown = [lab for lab in (label.split(multilabel.SEP) if multi else [label]) if lab and lab not in known]
             if not drop[i] and unknown:
                 mark(i, f"unknown label: '{unknown[0]}' is not in the label list{where[i]}")
     rows = rows[~drop].copy()
@@ -443,11 +424,10 @@ def _inside(path: str, real_root: str, real_dirs: dict[str, str]) -> bool:
 
 def _check_files(paths: list[str], channels: int, decode: bool, max_pixels: int, workers: int | None,
                  strict: bool, cache: bool, progress: bool) -> list:
-    """(path, width, height, native channels, dtype) per usable file, else the reason it is bad; files the scan cache
-    knows unchanged are not opened. In strict mode stop at the first bad one."""
+    """(path, width, height, native channels, dtype) per usable file, else why it is bad; strict: stop at the first."""
     check = functools.partial(_examine_all, decode=decode, max_pixels=max_pixels, workers=workers,
                               progress=progress, stop=strict)
-    found = scancache.checked(paths, decode, max_pixels, check)[0] if cache else check(paths)
+    found = scancache.checked(paths, decode, max_pixels, check) if cache else check(paths)
     results, names = [], {}  # str(dtype) per file would cost seconds per million
     for path, info in zip(paths, found):
         if isinstance(info, ImageInfo):
@@ -465,8 +445,7 @@ def _check_files(paths: list[str], channels: int, decode: bool, max_pixels: int,
 
 def _examine_all(paths: list[str], decode: bool, max_pixels: int, workers: int | None, progress: bool,
                  stop: bool) -> list:
-    """images.examine on every path: threads for a few files, processes on every core for many (decoding
-    holds the GIL for part of each file); a progress bar on long scans; ``stop`` ends at the first bad file."""
+    """images.examine on every path: threads for a few files, processes (decoding holds the GIL) for many."""
     cores = _cores()
     many = len(paths) >= _PROCESSES_FROM and cores > 1
     if many:
@@ -500,36 +479,35 @@ def _strict_error(path: str, reason: str) -> DataError:
                      f"strict=False to skip bad files and list them in the report")
 
 
-def _sidecar(path: str, reason: str) -> bool:
-    """A non-image file with a non-image extension (notes.txt, labels.json): listed, not held against the data."""
-    return reason.startswith("not an image") and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS
-
-
 def _bad_summary(bad: list, root: Path) -> str:
     """Counts per reason kind and the first few files, for an error raised before any report is written."""
-    kinds = pd.Series([r.split(":")[0] for _, r in bad]).value_counts()
     examples = "".join(f"\n  {_rel(p, root)}: {r}" for p, r in bad[:5])
-    return ", ".join(f"{k} {v}" for k, v in kinds.items()) + examples + ("\n  ..." if len(bad) > 5 else "")
+    return _kinds([r for _, r in bad]) + examples + ("\n  ..." if len(bad) > 5 else "")
+
+
+def _kinds(reasons) -> str:
+    """'kind count, ...' of bad-file reasons (kind: the text before the first ':'), the most common first."""
+    kinds = pd.Series(list(reasons)).astype(str).str.split(":").str[0].value_counts()
+    return ", ".join(f"{k} {v}" for k, v in kinds.items())
 
 
 def _class_warnings(good: pd.DataFrame, rows: pd.DataFrame, min_per_class: int, labels, warnings: list[str]):
     """Warn about classes that vanish, are tiny or miss a split; drop those under ``min_per_class``."""
     counts = good["label"].value_counts()
-    for label in sorted(set(rows["label"]) - set(counts.index)):
-        warnings.append(f"class '{label}' has no readable images: not a class")
+    warnings += [f"class '{label}' has no readable images: not a class"
+                 for label in sorted(set(rows["label"]) - set(counts.index))]
     small = sorted(c for c, n in counts.items() if n < min_per_class)
     if small:
         warnings.append(f"classes with fewer than min_per_class={min_per_class} images left out: "
                         + ", ".join(f"{c} ({counts[c]})" for c in small))
         good = good[~good["label"].isin(small)]
         counts = counts.drop(small)
-    for label in sorted(set(labels or ()) - set(counts.index)):
-        warnings.append(f"class '{label}' from the label list has no images")
-    for label in sorted(c for c, n in counts.items() if n == 1):
-        warnings.append(f"class '{label}' has only 1 image: it stays in train, with none to validate on")
-    given = set(good["split"]) - {""}
+    warnings += [f"class '{label}' from the label list has no images"
+                 for label in sorted(set(labels or ()) - set(counts.index))]
+    warnings += [f"class '{label}' has only 1 image: it stays in train, with none to validate on"
+                 for label in sorted(counts.index[counts == 1])]
     for name in ("train", "val"):
-        if name in given:
+        if (good["split"] == name).any():
             missing = sorted(set(counts.index) - set(good.loc[good["split"] == name, "label"]))
             if missing and counts[missing].max() > 1:
                 warnings.append(f"classes with no {name} images: {', '.join(missing)}")
@@ -549,24 +527,9 @@ def _n_val(n: np.ndarray | int, fraction: float):
     return np.where(n < 2, 0, np.clip(np.floor(n * fraction + 0.5), 1, n - 1)).astype(int)
 
 
-def _stratified(pool: pd.DataFrame, fraction: float, seed: int) -> list:
-    val = []
-    for label, rows in pool.groupby("label", sort=True):
-        # one generator per class: adding a class does not reshuffle the others
-        rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
-        val += list(rng.permutation(rows.index.to_numpy())[: int(_n_val(len(rows), fraction))])
-    return val
-
-
-def _multilabel_val(pool: pd.DataFrame, fraction: float, seed: int) -> list:
-    try:
-        return multilabel.stratified_val(pool, fraction, seed)
-    except ImportError:
-        raise DataError("splitting multi-label data needs the iterative-stratification package: "
-                        "pip install iterative-stratification (or give a split column)") from None
-
-
-def _group_keys(pool: pd.DataFrame, groups) -> pd.Series:
+def _grouped(pool: pd.DataFrame, groups, fraction: float, seed: int) -> list:
+    """Whole groups move in or out of val, in a seeded order, while that brings the classes closer to their
+    targets (train keeps one image of each class); the best of 32 orders wins."""
     if callable(groups):
         keys = pool["path"].map(groups)
     elif groups in pool.columns:
@@ -580,12 +543,7 @@ def _group_keys(pool: pd.DataFrame, groups) -> pd.Series:
         example = os.path.basename(pool.loc[missing, "path"].iloc[0])
         raise DataError(f"split groups {groups!r} give no group for {int(missing.sum())} files (e.g. {example}): "
                         f"fix the pattern so every file name matches, or they could leak between train and val")
-    return keys.astype(str)
-
-
-def _grouped(pool: pd.DataFrame, keys: pd.Series, fraction: float, seed: int, tries: int = 32) -> list:
-    """Whole groups move in or out of val, in a seeded order, while that brings the classes closer to their
-    targets (train keeps one image of each class); the best of ``tries`` orders wins."""
+    keys = keys.astype(str)
     table = pd.crosstab(keys, pool["label"])  # groups x classes, both sorted
     counts = table.to_numpy()
     n = counts.sum(axis=0)
@@ -599,7 +557,7 @@ def _grouped(pool: pd.DataFrame, keys: pd.Series, fraction: float, seed: int, tr
         return bool(np.all((n - v >= 1) | (n == 0)))
 
     best = None
-    for _ in range(tries):
+    for _ in range(32):
         taken, val = np.zeros(len(table), dtype=bool), np.zeros(len(n), dtype=int)
         order, improved = rng.permutation(len(table)), True
         while improved:  # hill-climb: move single groups in or out while that helps
@@ -615,5 +573,4 @@ def _grouped(pool: pd.DataFrame, keys: pd.Series, fraction: float, seed: int, tr
                     break
         if best is None or cost(val) < best[0]:
             best = cost(val), taken
-    chosen = set(table.index[best[1]])
-    return pool.index[keys.isin(chosen).to_numpy()].tolist()
+    return pool.index[keys.isin(table.index[best[1]]).to_numpy()].tolist()

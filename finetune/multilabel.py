@@ -19,31 +19,16 @@ class LabelError(ValueError):
     """A label cell cannot be read as a label set; the message names the line and the cell."""
 
 
-def csv_form(df: pd.DataFrame) -> str | None:
-    """'cell' for a ``labels`` column (or a ``label`` column with ';' in it), 'columns' for one 0/1 column a label
-    next to ``path`` (and ``split``), None for single-label data."""
+def csv_labels(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[str]] | None:
+    """``df`` with a sorted ';'-joined ``label`` set a row in place of its label cells (a ``labels`` column, or a
+    ``label`` column with ';' in it) or of its 0/1 columns (one a label, next to ``path`` and ``split``), and warnings;
+    None for single-label data. Raises LabelError for a cell that uses another separator."""
     cols = {c.lower(): c for c in df.columns}
-    if "labels" in cols:
-        return "cell"
-    if "label" in cols:
-        return "cell" if df[cols["label"]].astype(str).str.contains(SEP, regex=False).any() else None
     rest = [c for c in df.columns if c.lower() not in ("path", "split")]
-    binary = len(rest) >= 2 and all(df[c].astype(str).str.strip().isin(["0", "1"]).all() for c in rest)
-    return "columns" if binary else None
-
-
-def label_cells(df: pd.DataFrame, form: str, lines: np.ndarray, source: str) -> tuple[list[str], list[str]]:
-    """Every row's label set as a sorted ';'-joined string, and warnings (duplicate labels in one cell, labels
-    seen once). Raises LabelError for a cell that uses another separator."""
     warnings: list[str] = []
-    if form == "columns":
-        rest = [c for c in df.columns if c.lower() not in ("path", "split")]
-        hot = df[rest].astype(str).apply(lambda s: s.str.strip()).to_numpy() == "1"
-        cells = [SEP.join(sorted(str(c).strip() for c, on in zip(rest, row) if on)) for row in hot]
-    else:
-        col = {c.lower(): c for c in df.columns}.get("labels") or {c.lower(): c for c in df.columns}["label"]
+    if "labels" in cols or ("label" in cols and df[cols["label"]].astype(str).str.contains(SEP, regex=False).any()):
         cells = []
-        for raw, line in zip(df[col].astype(str), lines):
+        for line, raw in enumerate(df[cols.get("labels") or cols["label"]].astype(str), start=2):  # header: line 1
             for sep, name in _FOREIGN.items():
                 if sep in raw:
                     raise LabelError(f"{source} line {line}: label cell {raw!r} contains a {name} ({sep!r}); "
@@ -54,10 +39,18 @@ def label_cells(df: pd.DataFrame, form: str, lines: np.ndarray, source: str) -> 
                 warnings.append(f"line {line}: label cell {raw!r} names {', '.join(twice)} more than once; "
                                 f"counted once")
             cells.append(SEP.join(sorted(set(parts))))
+        df = df.drop(columns=[c for c in df.columns if c.lower() in ("label", "labels")])
+    elif "label" not in cols and len(rest) >= 2 and all(df[c].astype(str).str.strip().isin(["0", "1"]).all()
+                                                        for c in rest):
+        hot = df[rest].astype(str).apply(lambda s: s.str.strip()).to_numpy() == "1"
+        cells = [SEP.join(sorted(str(c).strip() for c, on in zip(rest, row) if on)) for row in hot]
+        df = df.drop(columns=rest)
+    else:
+        return None
     counts = pd.Series([lab for c in cells for lab in c.split(SEP) if lab]).value_counts()
-    for lab in sorted(counts[counts == 1].index):
-        warnings.append(f"label '{lab}' appears on only 1 image: it stays in train, with none to validate on")
-    return cells, warnings
+    warnings += [f"label '{lab}' appears on only 1 image: it stays in train, with none to validate on"
+                 for lab in sorted(counts[counts == 1].index)]
+    return df.assign(label=cells), warnings
 
 
 def label_sets(labels: pd.Series) -> list[list[str]]:
@@ -79,8 +72,7 @@ def matrix(labels: pd.Series, classes: list[str]) -> np.ndarray:
 
 
 def stratified_val(pool: pd.DataFrame, fraction: float, seed: int) -> list:
-    """Index labels of a validation share that keeps every label's share on both sides (iterative
-    stratification, Sechidis et al. 2011, as the iterative-stratification package implements it)."""
+    """Index labels of a validation share keeping every label's share on both sides (iterative stratification)."""
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
     y = matrix(pool["label"], classes_of(pool["label"]))
@@ -119,15 +111,13 @@ def pos_weight(y: np.ndarray, cap: float = 20.0) -> torch.Tensor:
 
 
 def best_thresholds(probs: torch.Tensor, target: torch.Tensor) -> list[float]:
-    """Per label, the probability threshold that maximises its F1 on these images (0.5 for a label without
-    positives here, where F1 is undefined)."""
+    """Per label, the probability threshold that maximises its F1 on these images (see thresholds_from_curve)."""
     from torchmetrics.classification import MultilabelPrecisionRecallCurve
     return thresholds_from_curve(MultilabelPrecisionRecallCurve(num_labels=probs.shape[1])(probs, target.int()))
 
 
 def thresholds_from_curve(curve: tuple) -> list[float]:
-    """The F1-maximising threshold of each label from torchmetrics' multilabel precision-recall curve; 0.5 where no
-    threshold finds a positive (no positives among the images)."""
+    """Each label's F1-maximising threshold on torchmetrics' multilabel PR curve; 0.5 where F1 is 0 (no positives)."""
     out = []
     for p, r, t in zip(*curve):
         f1 = (2 * p * r / (p + r).clamp(min=1e-12)).nan_to_num(0.0)[:-1]  # the last point has no threshold
@@ -145,15 +135,14 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
           thresholds: list[float]) -> tuple[dict, pd.DataFrame]:
     """Mean average precision over labels, macro/micro F1 at the thresholds, and the per-label table (label,
     support, AP, precision, recall, F1, threshold)."""
-    from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+    from torchmetrics.classification import (MultilabelAveragePrecision, MultilabelF1Score, MultilabelPrecision,
+                                             MultilabelRecall)
     n, t = len(classes), target.int()
     pred = decide(probs, thresholds)
-    tp = (pred * t).sum(0).float()
-    fp, fn = (pred * (1 - t)).sum(0).float(), ((1 - pred) * t).sum(0).float()
-    precision, recall = tp / (tp + fp).clamp(min=1), tp / (tp + fn).clamp(min=1)
-    ap = MultilabelAveragePrecision(n, average=None)(probs, t)
     table = pd.DataFrame({"label": classes, "support": t.sum(0).numpy(), "predicted": pred.sum(0).numpy(),
-                          "ap": ap.numpy(), "precision": precision.numpy(), "recall": recall.numpy(),
+                          "ap": MultilabelAveragePrecision(n, average=None)(probs, t).numpy(),
+                          "precision": MultilabelPrecision(n, average=None)(pred, t).numpy(),
+                          "recall": MultilabelRecall(n, average=None)(pred, t).numpy(),
                           "f1": MultilabelF1Score(n, average=None)(pred.float(), t).numpy(),
                           "threshold": thresholds})
     present = table["support"] > 0
@@ -175,9 +164,7 @@ def pr_curves(probs: torch.Tensor, target: torch.Tensor, classes: list[str]) -> 
 def f1_sweep(probs: torch.Tensor, target: torch.Tensor, classes: list[str], steps: int = 99) -> pd.DataFrame:
     """F1 of every label at evenly spaced thresholds (columns threshold, label, f1)."""
     import torch
-    grid = torch.linspace(0.01, 0.99, steps)
-    t = target.int()
-    rows = []
+    grid, t, rows = torch.linspace(0.01, 0.99, steps), target.int(), []
     for th in grid:
         pred = (probs >= th).int()
         tp, fp, fn = (pred * t).sum(0), (pred * (1 - t)).sum(0), ((1 - pred) * t).sum(0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,33 +24,32 @@ _TRANSIENT = ("unreadable", "missing file")
 Result = ImageInfo | str
 
 
-def cache_file() -> Path:
-    return finetune_home() / "scan.sqlite"
-
-
-def checked(paths: list[str], decode: bool, max_pixels: int, check: Callable[[list[str]], list[Result]],
-            path: Path | None = None) -> tuple[list[Result], int]:
+def checked(paths: list[str], decode: bool, max_pixels: int,
+            check: Callable[[list[str]], list[Result]]) -> list[Result]:
     """``check(paths)`` for the files the cache does not know in this state, cached results for the others, in the
-    order of ``paths``; and how many came from the cache. A header-only result does not answer ``decode``."""
+    order of ``paths``. A header-only result does not answer ``decode``."""
     stats = [_stat(p) for p in paths]
+    path = finetune_home() / "scan.sqlite"
     try:
-        db = _connect(path or cache_file())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(_SCHEMA)
     except (sqlite3.Error, OSError) as e:
-        log.warning("scan cache %s unusable (%s): checking every file", path or cache_file(), e)
-        return check(paths), 0
+        log.warning("scan cache %s unusable (%s): checking every file", path, e)
+        return check(paths)
     with db:
         known = _lookup(db, paths, max_pixels)
-        results: list[Result | None] = [None] * len(paths)
-        for i, (p, st) in enumerate(zip(paths, stats)):
-            row = known.get(p)
-            if st is not None and row is not None and row[:2] == st and (row[2] or not decode):
-                results[i] = row[3]
+        results: list[Result | None] = []
+        for p, st in zip(paths, stats):
+            row = known.get(p)  # a file that cannot be stat'ed (st None) is never a hit
+            results.append(row[3] if row and row[:2] == st and (row[2] or not decode) else None)
         todo = [i for i, r in enumerate(results) if r is None]
         for i, r in zip(todo, check([paths[i] for i in todo])):
             results[i] = r
         _store(db, [(paths[i], stats[i], results[i]) for i in todo], decode, max_pixels)
     db.close()
-    return results, len(paths) - len(todo)
+    return results
 
 
 def _stat(path: str) -> tuple[int, int] | None:
@@ -60,14 +58,6 @@ def _stat(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=60)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(_SCHEMA)
-    return db
 
 
 def _lookup(db: sqlite3.Connection, paths: list[str], max_pixels: int) -> dict[str, tuple]:
