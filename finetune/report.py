@@ -141,21 +141,18 @@ def latest_evaluation(run: Run) -> Evaluation | None:
 
 def render(run: Run, evaluation: Evaluation | None = None) -> str:
     """The report as an HTML string."""
-    ev = evaluation
-    s, recipe, classes, items = run.summary, run.recipe, run.classes, run.items
+    ev, s, recipe, classes, items = evaluation, run.summary, run.recipe, run.classes, run.items
     title = f"{run.path.name}: {recipe.backbone.name} on {len(classes)} classes"
     sub = [f"recipe '{recipe.name}'", f"{s.get('epochs', '?')} epochs", f"{len(items)} images"]
     if s.get("best_score") is not None:
         sub.append(f"best {s.get('best_metric')} {s['best_score']:.3f}"
                    + (" (first fit: an honest validation estimate)" if "refit" in s else ""))
     if "refit" in s:
-        sub.append(f"final model refit on train + val ({s['refit']['images']} images, {s['refit']['epochs']} "
-                   f"epochs)")
+        sub.append(f"final model refit on train + val ({s['refit']['images']} images, {s['refit']['epochs']} epochs)")
     if s.get("wall_time_s") is not None:
         sub.append(f"{s['wall_time_s']:.0f} s training")
-    parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>"]
-
-    parts.append("<h2>At a glance</h2>")
+    parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>",
+             "<h2>At a glance</h2>"]
     if ev is not None and not ev.multilabel:
         parts += [_tiles(ev), _notes_list(notes(run, ev)), _picture(ev, "per_class.png"),
                   "<h3>Per class</h3>" + _per_class_table(ev.per_class) + _eval_heading(ev),
@@ -165,27 +162,21 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
         parts += [_multilabel_section(ev) if ev is not None else _notes_list(notes(run, ev)),
                   "<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) + "</code> adds per-class "
                   "results, the confusion matrix, calibration and the worst mistakes.</p>"]
-
     parts.append("<h2>Data</h2>")
-    if run.recipe.train.labels == "multi":
-        parts.append(_picture(ev, "cooccurrence.png", lambda: plots.cooccurrence(
-            multilabel.matrix(items["label"], classes), classes)))
-        parts.append(f"<pre>{_e(multilabel.counts_report(items, classes))}</pre>")
+    if recipe.train.labels == "multi":
+        parts += [_picture(ev, "cooccurrence.png",
+                           lambda: plots.cooccurrence(multilabel.matrix(items["label"], classes), classes)),
+                  f"<pre>{_e(multilabel.counts_report(items, classes))}</pre>"]
     else:
-        parts.append(_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)))
-        parts.append(_table(counts_table(items, classes).reset_index()))
-    parts.append(_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"))
-
-    parts.append("<h2>Training</h2>")
+        parts += [_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)),
+                  _table(counts_table(items, classes).reset_index())]
     groups = [g.name for g in run.plan.groups]
-    parts.append(_picture(ev, "curves.png", lambda: plots.curves(plots.read_logs(run.path), groups)))
-    parts.append(_epoch_table(run))
-
-    parts.append("<h2>Freeze plan</h2><p>What stayed fixed, what trained at which rate, and why:</p>")
-    parts.append(f"<pre>{_e(_read(run.path / 'plan.txt'))}</pre>")
-    parts.append("<h2>Configuration</h2>")
-    parts.append(_text_file(run.path / "recipe.yaml", "recipe.yaml (the resolved recipe: click to open)"))
-    parts.append(f"<p class=sub>report written {time.strftime('%Y-%m-%d %H:%M')}</p>")
+    parts += [_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"),
+              "<h2>Training</h2>", _picture(ev, "curves.png", lambda: plots.curves(plots.read_logs(run.path), groups)),
+              _epoch_table(run), "<h2>Freeze plan</h2><p>What stayed fixed, what trained at which rate, and why:</p>",
+              f"<pre>{_e(_read(run.path / 'plan.txt'))}</pre>", "<h2>Configuration</h2>",
+              _text_file(run.path / "recipe.yaml", "recipe.yaml (the resolved recipe: click to open)"),
+              f"<p class=sub>report written {time.strftime('%Y-%m-%d %H:%M')}</p>"]
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
             f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
             f"<body><main>\n" + "\n".join(parts) + "\n</main></body></html>\n")
@@ -195,7 +186,7 @@ def notes(run: Run, ev: Evaluation | None) -> list[str]:
     """Plain sentences (HTML) on class imbalance, what it did to the result, the worst class and calibration."""
     out = []
     train = run.items[run.items["split"] == "train"]["label"].value_counts().reindex(run.classes, fill_value=0)
-    if len(train) >= 2 and train.min() >= 0 and train.max() > 0:
+    if len(train) >= 2 and train.max() > 0:
         hi, lo = train.idxmax(), train.idxmin()
         ratio = train[hi] / max(1, train[lo])
         if ratio >= 1.5:
@@ -242,12 +233,10 @@ def _weakest(t: pd.DataFrame) -> pd.Series | None:
 
 def _plan_note(run: Run, smallest: int) -> str:
     """The automatic freeze rule counts images a class on average; say so when the rarest class has far fewer."""
-    inputs = run.plan.inputs
-    if not inputs.get("n_classes"):
-        return ""
-    mean = inputs["n_train"] / inputs["n_classes"]
+    n = run.plan.inputs
+    mean = n["n_train"] / n["n_classes"] if n.get("n_classes") else 0
     return (f" The freeze plan was chosen for {mean:.0f} images a class on average; the rarest class has {smallest}."
-            if mean >= 1.5 * smallest else "")
+            if n.get("n_classes") and mean >= 1.5 * smallest else "")
 
 
 def _calibration_note(run: Run, m: dict) -> str:
@@ -361,8 +350,8 @@ def _picture(ev: Evaluation | None, name: str, make=None) -> str:
 
 
 def _cams(run: Run, ev: Evaluation, n_wrong: int = 8, per_class: int = 2) -> str:
-    """Where the model looked (Grad-CAM of the predicted class) on the most confident mistakes and on the most
-    confident correct images of each class; a line on how to get them when grad-cam is not installed."""
+    """Grad-CAM maps of the predicted class on the most confident mistakes and correct images of each class, or a
+    line on how to get them when grad-cam is not installed."""
     from .explain import Explainer
     from .predict import Predictor
     try:
