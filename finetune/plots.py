@@ -231,14 +231,11 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int
     fig = figure(2.6 * cols + 0.4, 2.9 * rows + 0.5)
     if title:
         fig.suptitle(title, fontsize=11)
-    if not n:
-        ax = fig.subplots()
-        ax.axis("off")
-        ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=12)
-        return fig
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")
+    if not n:
+        axes[0].text(0.5, 0.5, empty, ha="center", va="center", fontsize=12)
     for ax, img, t in zip(axes, images, titles):
         img = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
         if img.ndim == 3 and img.shape[-1] == 3:

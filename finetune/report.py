@@ -258,23 +258,22 @@ def _calibration_note(run: Run, m: dict) -> str:
 
 
 def _tiles(ev: Evaluation) -> str:
-    m, t = ev.metrics, ev.per_class
-    worst = _weakest(t)
-    tiles = [(f"{m['accuracy']:.3f}", "accuracy", False),
-             (f"{m['majority_accuracy']:.3f}", f"always answering '{m['majority_class']}'", False),
-             (f"{m['balanced_accuracy']:.3f}", "balanced accuracy", m["accuracy"] - m["balanced_accuracy"] > 0.03)]
+    m, worst = ev.metrics, _weakest(ev.per_class)
+    tiles = [(m["accuracy"], "accuracy", False),
+             (m["majority_accuracy"], f"always answering '{m['majority_class']}'", False),
+             (m["balanced_accuracy"], "balanced accuracy", m["accuracy"] - m["balanced_accuracy"] > 0.03)]
     if worst is not None:
-        tiles.append((f"{worst['f1']:.3f}", f"F1 of {worst['class']} (weakest class)", worst["f1"] < 0.8))
-    tiles += [(f"{m['macro_f1']:.3f}", "macro F1", False), (f"{m['top1_error']:.3f}", "top-1 error", False)]
+        tiles.append((worst["f1"], f"F1 of {worst['class']} (weakest class)", worst["f1"] < 0.8))
+    tiles += [(m["macro_f1"], "macro F1", False), (m["top1_error"], "top-1 error", False)]
     if m.get("top5_error") is not None:
-        tiles.append((f"{m['top5_error']:.3f}", "top-5 error", False))
-    tiles.append((f"{m['ece']:.3f}", "calibration error (ECE)", m["ece"] >= 0.1))
+        tiles.append((m["top5_error"], "top-5 error", False))
+    tiles.append((m["ece"], "calibration error (ECE)", m["ece"] >= 0.1))
     return _tile_row(tiles)
 
 
-def _tile_row(tiles: list[tuple[str, str, bool]]) -> str:
-    """(value, label, highlighted) as a row of tiles."""
-    return "<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{_e(v)}</b><span>{_e(k)}"
+def _tile_row(tiles: list[tuple[float, str, bool]]) -> str:
+    """(value, label, highlighted) as a row of tiles, values to 3 decimals."""
+    return "<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{v:.3f}</b><span>{_e(k)}"
                                          f"</span></div>" for v, k, bad in tiles) + "</div>"
 
 
@@ -282,12 +281,12 @@ def _multilabel_section(ev: Evaluation) -> str:
     """Tiles, notes, per-label pictures and table, and the largest errors of a multi-label evaluation."""
     m, t = ev.metrics, ev.per_class
     present = t[t["support"] > 0].sort_values("ap", kind="stable")
-    tiles = [(f"{m['map']:.3f}", "mean average precision", False), (f"{m['macro_f1']:.3f}", "macro F1", False),
-             (f"{m['micro_f1']:.3f}", "micro F1", False), (f"{m['exact_match']:.3f}", "exact label set", False)]
+    tiles = [(m["map"], "mean average precision", False), (m["macro_f1"], "macro F1", False),
+             (m["micro_f1"], "micro F1", False), (m["exact_match"], "exact label set", False)]
     notes = [f"<b class=warn>{_e(w[0].upper() + w[1:])}.</b>" for w in ev.warnings]
     if len(present):
         w = present.iloc[0]
-        tiles.append((f"{w['ap']:.3f}", f"AP of {w['label']} (weakest label)", w["ap"] < 0.5))
+        tiles.append((w["ap"], f"AP of {w['label']} (weakest label)", w["ap"] < 0.5))
         notes.append(f"Weakest label (lowest average precision): <b>{_e(w['label'])}</b>, AP {w['ap']:.3f} on "
                      f"{w['support']} images with it ({w['n_train']} in training); at its threshold "
                      f"{w['threshold']:.2f} it finds {w['recall']:.0%} of them, {w['precision']:.0%} of its calls right.")
@@ -309,19 +308,10 @@ def _eval_heading(ev: Evaluation) -> str:
 
 
 def _per_class_table(t: pd.DataFrame) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("class", "train images", "evaluated", "predicted as", "precision",
-                                              "recall", "F1"))
-    rows = []
-    for _, r in t.iterrows():
-        cells = [f"<td>{_e(r['class'])}</td>", f"<td>{r.get('n_train', '')}</td>", f"<td>{r['support']}</td>",
-                 f"<td>{r['predicted']}</td>"]
-        for k in ("precision", "recall", "f1"):
-            v = float(r[k])
-            color = f"hsl({120 * v:.0f},65%,45%)"
-            cells.append(f"<td class=bar><div style='width:{100 * v:.0f}%;background:{color}'></div>"
-                         f"<span>{v:.3f}</span></td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    names = {"class": "class", "n_train": "train images", "support": "evaluated", "predicted": "predicted as",
+             "precision": "precision", "recall": "recall", "f1": "F1"}
+    return _table(t.reindex(columns=list(names), fill_value="").rename(columns=names),
+                  bars=("precision", "recall", "F1"))
 
 
 def _epoch_table(run: Run) -> str:
@@ -378,10 +368,17 @@ def _figure(data: bytes, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
+def _table(df: pd.DataFrame, floats: str = "{:.3f}", bars: tuple[str, ...] = ()) -> str:
+    """``df`` as an HTML table; the scores in the ``bars`` columns drawn as bars from red (0) to green (1)."""
+    def cell(column: str, v: object) -> str:
+        if column in bars:
+            return (f"<td class=bar><div style='width:{100 * v:.0f}%;background:hsl({120 * v:.0f},65%,45%)'></div>"
+                    f"<span>{v:.3f}</span></td>")
+        return f"<td>{_e(floats.format(v) if isinstance(v, float) else str(v))}</td>"
+
     head = "".join(f"<th>{_e(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_e(floats.format(v) if isinstance(v, float) else str(v))}</td>"
-                                    for v in row) + "</tr>" for row in df.itertuples(index=False))
+    body = "".join("<tr>" + "".join(cell(c, v) for c, v in zip(df.columns, row)) + "</tr>"
+                   for row in df.itertuples(index=False))
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
