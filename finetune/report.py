@@ -141,21 +141,18 @@ def latest_evaluation(run: Run) -> Evaluation | None:
 
 def render(run: Run, evaluation: Evaluation | None = None) -> str:
     """The report as an HTML string."""
-    ev = evaluation
-    s, recipe, classes, items = run.summary, run.recipe, run.classes, run.items
+    ev, s, recipe, classes, items = evaluation, run.summary, run.recipe, run.classes, run.items
     title = f"{run.path.name}: {recipe.backbone.name} on {len(classes)} classes"
     sub = [f"recipe '{recipe.name}'", f"{s.get('epochs', '?')} epochs", f"{len(items)} images"]
     if s.get("best_score") is not None:
         sub.append(f"best {s.get('best_metric')} {s['best_score']:.3f}"
                    + (" (first fit: an honest validation estimate)" if "refit" in s else ""))
     if "refit" in s:
-        sub.append(f"final model refit on train + val ({s['refit']['images']} images, {s['refit']['epochs']} "
-                   f"epochs)")
+        sub.append(f"final model refit on train + val ({s['refit']['images']} images, {s['refit']['epochs']} epochs)")
     if s.get("wall_time_s") is not None:
         sub.append(f"{s['wall_time_s']:.0f} s training")
-    parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>"]
-
-    parts.append("<h2>At a glance</h2>")
+    parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(' · '.join(sub))}<br>{_e(str(run.path))}</p>",
+             "<h2>At a glance</h2>"]
     if ev is not None and not ev.multilabel:
         parts += [_tiles(ev), _notes_list(notes(run, ev)), _picture(ev, "per_class.png"),
                   "<h3>Per class</h3>" + _per_class_table(ev.per_class) + _eval_heading(ev),
@@ -165,27 +162,21 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
         parts += [_multilabel_section(ev) if ev is not None else _notes_list(notes(run, ev)),
                   "<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) + "</code> adds per-class "
                   "results, the confusion matrix, calibration and the worst mistakes.</p>"]
-
     parts.append("<h2>Data</h2>")
-    if run.recipe.train.labels == "multi":
-        parts.append(_picture(ev, "cooccurrence.png", lambda: plots.cooccurrence(
-            multilabel.matrix(items["label"], classes), classes)))
-        parts.append(f"<pre>{_e(multilabel.counts_report(items, classes))}</pre>")
+    if recipe.train.labels == "multi":
+        parts += [_picture(ev, "cooccurrence.png",
+                           lambda: plots.cooccurrence(multilabel.matrix(items["label"], classes), classes)),
+                  f"<pre>{_e(multilabel.counts_report(items, classes))}</pre>"]
     else:
-        parts.append(_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)))
-        parts.append(_table(counts_table(items, classes).reset_index()))
-    parts.append(_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"))
-
-    parts.append("<h2>Training</h2>")
+        parts += [_picture(ev, "class_counts.png", lambda: plots.class_counts(items, classes)),
+                  _table(counts_table(items, classes).reset_index())]
     groups = [g.name for g in run.plan.groups]
-    parts.append(_picture(ev, "curves.png", lambda: plots.curves(plots.read_logs(run.path), groups)))
-    parts.append(_epoch_table(run))
-
-    parts.append("<h2>Freeze plan</h2><p>What stayed fixed, what trained at which rate, and why:</p>")
-    parts.append(f"<pre>{_e(_read(run.path / 'plan.txt'))}</pre>")
-    parts.append("<h2>Configuration</h2>")
-    parts.append(_text_file(run.path / "recipe.yaml", "recipe.yaml (the resolved recipe: click to open)"))
-    parts.append(f"<p class=sub>report written {time.strftime('%Y-%m-%d %H:%M')}</p>")
+    parts += [_text_file(run.path / "data_report.txt", "Data report (bad files, image sizes)"),
+              "<h2>Training</h2>", _picture(ev, "curves.png", lambda: plots.curves(plots.read_logs(run.path), groups)),
+              _epoch_table(run), "<h2>Freeze plan</h2><p>What stayed fixed, what trained at which rate, and why:</p>",
+              f"<pre>{_e(_read(run.path / 'plan.txt'))}</pre>", "<h2>Configuration</h2>",
+              _text_file(run.path / "recipe.yaml", "recipe.yaml (the resolved recipe: click to open)"),
+              f"<p class=sub>report written {time.strftime('%Y-%m-%d %H:%M')}</p>"]
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
             f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
             f"<body><main>\n" + "\n".join(parts) + "\n</main></body></html>\n")
@@ -195,7 +186,7 @@ def notes(run: Run, ev: Evaluation | None) -> list[str]:
     """Plain sentences (HTML) on class imbalance, what it did to the result, the worst class and calibration."""
     out = []
     train = run.items[run.items["split"] == "train"]["label"].value_counts().reindex(run.classes, fill_value=0)
-    if len(train) >= 2 and train.min() >= 0 and train.max() > 0:
+    if len(train) >= 2 and train.max() > 0:
         hi, lo = train.idxmax(), train.idxmin()
         ratio = train[hi] / max(1, train[lo])
         if ratio >= 1.5:
@@ -242,12 +233,10 @@ def _weakest(t: pd.DataFrame) -> pd.Series | None:
 
 def _plan_note(run: Run, smallest: int) -> str:
     """The automatic freeze rule counts images a class on average; say so when the rarest class has far fewer."""
-    inputs = run.plan.inputs
-    if not inputs.get("n_classes"):
-        return ""
-    mean = inputs["n_train"] / inputs["n_classes"]
+    n = run.plan.inputs
+    mean = n["n_train"] / n["n_classes"] if n.get("n_classes") else 0
     return (f" The freeze plan was chosen for {mean:.0f} images a class on average; the rarest class has {smallest}."
-            if mean >= 1.5 * smallest else "")
+            if n.get("n_classes") and mean >= 1.5 * smallest else "")
 
 
 def _calibration_note(run: Run, m: dict) -> str:
@@ -269,23 +258,22 @@ def _calibration_note(run: Run, m: dict) -> str:
 
 
 def _tiles(ev: Evaluation) -> str:
-    m, t = ev.metrics, ev.per_class
-    worst = _weakest(t)
-    tiles = [(f"{m['accuracy']:.3f}", "accuracy", False),
-             (f"{m['majority_accuracy']:.3f}", f"always answering '{m['majority_class']}'", False),
-             (f"{m['balanced_accuracy']:.3f}", "balanced accuracy", m["accuracy"] - m["balanced_accuracy"] > 0.03)]
+    m, worst = ev.metrics, _weakest(ev.per_class)
+    tiles = [(m["accuracy"], "accuracy", False),
+             (m["majority_accuracy"], f"always answering '{m['majority_class']}'", False),
+             (m["balanced_accuracy"], "balanced accuracy", m["accuracy"] - m["balanced_accuracy"] > 0.03)]
     if worst is not None:
-        tiles.append((f"{worst['f1']:.3f}", f"F1 of {worst['class']} (weakest class)", worst["f1"] < 0.8))
-    tiles += [(f"{m['macro_f1']:.3f}", "macro F1", False), (f"{m['top1_error']:.3f}", "top-1 error", False)]
+        tiles.append((worst["f1"], f"F1 of {worst['class']} (weakest class)", worst["f1"] < 0.8))
+    tiles += [(m["macro_f1"], "macro F1", False), (m["top1_error"], "top-1 error", False)]
     if m.get("top5_error") is not None:
-        tiles.append((f"{m['top5_error']:.3f}", "top-5 error", False))
-    tiles.append((f"{m['ece']:.3f}", "calibration error (ECE)", m["ece"] >= 0.1))
+        tiles.append((m["top5_error"], "top-5 error", False))
+    tiles.append((m["ece"], "calibration error (ECE)", m["ece"] >= 0.1))
     return _tile_row(tiles)
 
 
-def _tile_row(tiles: list[tuple[str, str, bool]]) -> str:
-    """(value, label, highlighted) as a row of tiles."""
-    return "<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{_e(v)}</b><span>{_e(k)}"
+def _tile_row(tiles: list[tuple[float, str, bool]]) -> str:
+    """(value, label, highlighted) as a row of tiles, values to 3 decimals."""
+    return "<div class=tiles>" + "".join(f"<div class='tile{' bad' if bad else ''}'><b>{v:.3f}</b><span>{_e(k)}"
                                          f"</span></div>" for v, k, bad in tiles) + "</div>"
 
 
@@ -293,12 +281,12 @@ def _multilabel_section(ev: Evaluation) -> str:
     """Tiles, notes, per-label pictures and table, and the largest errors of a multi-label evaluation."""
     m, t = ev.metrics, ev.per_class
     present = t[t["support"] > 0].sort_values("ap", kind="stable")
-    tiles = [(f"{m['map']:.3f}", "mean average precision", False), (f"{m['macro_f1']:.3f}", "macro F1", False),
-             (f"{m['micro_f1']:.3f}", "micro F1", False), (f"{m['exact_match']:.3f}", "exact label set", False)]
+    tiles = [(m["map"], "mean average precision", False), (m["macro_f1"], "macro F1", False),
+             (m["micro_f1"], "micro F1", False), (m["exact_match"], "exact label set", False)]
     notes = [f"<b class=warn>{_e(w[0].upper() + w[1:])}.</b>" for w in ev.warnings]
     if len(present):
         w = present.iloc[0]
-        tiles.append((f"{w['ap']:.3f}", f"AP of {w['label']} (weakest label)", w["ap"] < 0.5))
+        tiles.append((w["ap"], f"AP of {w['label']} (weakest label)", w["ap"] < 0.5))
         notes.append(f"Weakest label (lowest average precision): <b>{_e(w['label'])}</b>, AP {w['ap']:.3f} on "
                      f"{w['support']} images with it ({w['n_train']} in training); at its threshold "
                      f"{w['threshold']:.2f} it finds {w['recall']:.0%} of them, {w['precision']:.0%} of its calls right.")
@@ -320,19 +308,10 @@ def _eval_heading(ev: Evaluation) -> str:
 
 
 def _per_class_table(t: pd.DataFrame) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("class", "train images", "evaluated", "predicted as", "precision",
-                                              "recall", "F1"))
-    rows = []
-    for _, r in t.iterrows():
-        cells = [f"<td>{_e(r['class'])}</td>", f"<td>{r.get('n_train', '')}</td>", f"<td>{r['support']}</td>",
-                 f"<td>{r['predicted']}</td>"]
-        for k in ("precision", "recall", "f1"):
-            v = float(r[k])
-            color = f"hsl({120 * v:.0f},65%,45%)"
-            cells.append(f"<td class=bar><div style='width:{100 * v:.0f}%;background:{color}'></div>"
-                         f"<span>{v:.3f}</span></td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    names = {"class": "class", "n_train": "train images", "support": "evaluated", "predicted": "predicted as",
+             "precision": "precision", "recall": "recall", "f1": "F1"}
+    return _table(t.reindex(columns=list(names), fill_value="").rename(columns=names),
+                  bars=("precision", "recall", "F1"))
 
 
 def _epoch_table(run: Run) -> str:
@@ -361,8 +340,8 @@ def _picture(ev: Evaluation | None, name: str, make=None) -> str:
 
 
 def _cams(run: Run, ev: Evaluation, n_wrong: int = 8, per_class: int = 2) -> str:
-    """Where the model looked (Grad-CAM of the predicted class) on the most confident mistakes and on the most
-    confident correct images of each class; a line on how to get them when grad-cam is not installed."""
+    """Grad-CAM maps of the predicted class on the most confident mistakes and correct images of each class, or a
+    line on how to get them when grad-cam is not installed."""
     from .explain import Explainer
     from .predict import Predictor
     try:
@@ -389,10 +368,17 @@ def _figure(data: bytes, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
+def _table(df: pd.DataFrame, floats: str = "{:.3f}", bars: tuple[str, ...] = ()) -> str:
+    """``df`` as an HTML table; the scores in the ``bars`` columns drawn as bars from red (0) to green (1)."""
+    def cell(column: str, v: object) -> str:
+        if column in bars:
+            return (f"<td class=bar><div style='width:{100 * v:.0f}%;background:hsl({120 * v:.0f},65%,45%)'></div>"
+                    f"<span>{v:.3f}</span></td>")
+        return f"<td>{_e(floats.format(v) if isinstance(v, float) else str(v))}</td>"
+
     head = "".join(f"<th>{_e(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_e(floats.format(v) if isinstance(v, float) else str(v))}</td>"
-                                    for v in row) + "</tr>" for row in df.itertuples(index=False))
+    body = "".join("<tr>" + "".join(cell(c, v) for c, v in zip(df.columns, row)) + "</tr>"
+                   for row in df.itertuples(index=False))
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
