@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix,
                                          MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
 
@@ -18,6 +19,7 @@ from . import multilabel, plots
 from .data import bad_files_note, scan
 from .images import read_image
 from .predict import Predictor
+from .preprocess import Preprocess
 from .report import PICTURES, Evaluation, write_report
 from .run import Run, next_free
 
@@ -44,72 +46,68 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, csv: str 
         items, probs = items[keep].reset_index(drop=True), probs[torch.from_numpy(keep)]
     if not len(items):
         raise ValueError(f"none of the images of {name} ({split}) could be read")
-    ckpt_name, folder = str(ckpt.relative_to(run.path)), next_free(run.path, f"eval-{name}-{split}")
-    record = {"run": str(run.path), "data": name, "data_path": str(data or csv or run.path / "items.csv"),
-              "split": split, "checkpoint": ckpt_name}
+    folder = next_free(run.path, f"eval-{name}-{split}")
     train = run.training_items(ckpt)  # after a refit: train + val
-    if predictor.thresholds is not None:
-        return _evaluate_multilabel(run, predictor, items, probs, bad, train, folder, record, n_wrong, report)
-    target = torch.tensor([classes.index(c) for c in items["label"]])
-    metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
-    table.insert(1, "n_train", [int((train["label"] == c).sum()) for c in classes])
-    notes = _warnings(metrics, items, train, bad, folder)
-    pred = probs.argmax(-1)
-    conf = probs.max(-1).values
-    predictions = pd.DataFrame({"path": items["path"].to_numpy(), "label": items["label"].to_numpy(),
-                                "predicted": [classes[i] for i in pred], "confidence": conf.numpy().round(6),
-                                "correct": (pred == target).numpy()})
-    for j, c in enumerate(classes):
-        predictions[f"p_{c}"] = probs[:, j].numpy().round(6)
-    cm_table = pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"), columns=classes)
-    cm_table.to_csv(folder / "confusion.csv")
-    record |= {"tta": tta, "classes": classes, "metrics": metrics, "warnings": notes, "confusion": cm.tolist()}
-    wrong = predictions[~predictions["correct"]].sort_values("confidence", ascending=False, kind="stable")
-    wrong = wrong.head(n_wrong)
-    images = _as_read(predictor.preprocess, wrong["path"])
-    titles = [f"true: {t}\npredicted: {p} ({c:.2f})\n{_short(Path(f).name)}"
-              for t, p, c, f in zip(wrong["label"], wrong["predicted"], wrong["confidence"], wrong["path"])]
-    n_wrong_all = int((~predictions["correct"]).sum())
-    figures = {
-        "per_class.png": plots.per_class(table),
-        "confusion.png": plots.confusion(cm, classes),
-        "calibration.png": plots.reliability(conf.numpy(), (pred == target).numpy(), n_bins, metrics["ece"]),
-        "wrong.png": plots.image_grid(images, titles, title=f"Most confidently wrong: {len(images)} of the "
-                                      f"{n_wrong_all} mistakes on {len(items)} images ({name}, {split})",
-                                      empty=f"no mistakes on the {len(items)} images"),
-        "curves.png": plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups]),
-        "class_counts.png": plots.class_counts(run.items, classes),
-    }
-    return _write(run, folder, record, predictions, table, cm, figures, report)
+    if predictor.thresholds is None:
+        kind, scored = {"tta": tta, "classes": classes}, _single_label
+    else:
+        kind, scored = {"classes": classes, "multilabel": True, "thresholds": predictor.thresholds}, _multilabel
+    metrics, table, cm, predictions, figures = scored(run, predictor, items, probs, train, n_bins, n_wrong,
+                                                      f"{name}, {split}")
+    real = os.path.realpath  # the same file under another name (a symlinked folder) counts
+    metrics["train_overlap"] = int(items["path"].map(real).isin(set(train["path"].map(real))).sum())
+    metrics["bad_files"] = len(bad)
+    notes = []
+    if len(bad):
+        bad.to_csv(folder / "bad_files.csv", index=False)
+        notes.append(bad_files_note(bad, folder / "bad_files.csv"))
+    if metrics["train_overlap"]:
+        notes.append(f"{metrics['train_overlap']} of the {len(items)} evaluated images are in the run's own training "
+                     f"split: these scores overstate how it does on images it has not seen")
+    record = {"run": str(run.path), "data": name, "data_path": str(data or csv or run.path / "items.csv"),
+              "split": split, "checkpoint": str(ckpt.relative_to(run.path)), **kind, "metrics": metrics,
+              "warnings": notes, "confusion": cm.tolist(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (folder / "metrics.json").write_text(json.dumps(record, indent=2))
+    predictions.to_csv(folder / "predictions.csv", index=False)
+    table.to_csv(folder / "per_class.csv", index=False)
+    if predictor.thresholds is None:
+        pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"), columns=classes).to_csv(
+            folder / "confusion.csv")
+    figures["curves.png"] = plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups])
+    for fname, fig in figures.items():
+        plots.save(fig, folder / fname)
+    result = Evaluation(folder=folder, run=run.path, data=name, split=split, checkpoint=record["checkpoint"],
+                        classes=classes, metrics=metrics, per_class=table, confusion=cm,
+                        pictures={n: folder / n for n in figures}, warnings=notes)
+    if report:
+        write_report(run, result, out=folder / "report.html")
+    return result
 
 
 def select_items(run: Run, data: str | Path | None = None, *, csv: str | Path | None = None,
                  split: str | None = None) -> tuple[pd.DataFrame, str, str, pd.DataFrame]:
     """The images to evaluate (path, label), a name for the data, the split used (default test, else val; with
     data, else 'all') and the files the scan skipped (path, reason); labels the run does not know are an error."""
-    bad = pd.DataFrame(columns=["path", "reason"])
-    if data is None and csv is None:
-        items = run.items
+    own = data is None and csv is None
+    if own:
+        items, bad = run.items, pd.DataFrame(columns=["path", "reason"])
         name = Path(os.path.commonpath(items["path"].tolist()) if len(items) else run.path).name
     else:
-        channels = run.read_json("data.json")["preprocess"]["channels"]
-        found = scan(data, csv=csv, channels=channels)
+        found = scan(data, csv=csv, channels=run.read_json("data.json")["preprocess"]["channels"])
         items, bad = found.items, found.bad
         name = Path(str(data)).resolve().name if data is not None else Path(csv).stem
     present = [s for s in ("test", "val", "train") if (items["split"] == s).any()]
     if split is None:
-        split = next((s for s in ("test", "val") if s in present), None)
-        if split is None:
-            if data is None and csv is None:
-                raise ValueError(f"{run.path} has no val or test images to evaluate on; pass DATA (a labelled folder)")
-            split = "all"
+        split = next((s for s in ("test", "val") if s in present), "all")
+        if split == "all" and own:
+            raise ValueError(f"{run.path} has no val or test images to evaluate on; pass DATA (a labelled folder)")
     if split != "all":
         if split not in present:
             raise ValueError(f"split {split!r} has no images here; the data has {', '.join(present) or 'no splits'} "
                              f"(or use --split all)")
         items = items[items["split"] == split]
-    unknown = sorted({lab for s in multilabel.label_sets(items["label"]) for lab in s} - set(run.classes)) \
-        if run.recipe.train.labels == "multi" else sorted(set(items["label"]) - set(run.classes))
+    labels = multilabel.classes_of(items["label"]) if run.recipe.train.labels == "multi" else items["label"]
+    unknown = sorted(set(labels) - set(run.classes))
     if unknown:
         raise ValueError(f"labels {unknown[:5]} are not classes of {run.path} ({', '.join(run.classes)}): evaluate "
                          f"on data with the run's classes only")
@@ -122,7 +120,7 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
     matrix (rows: true); a class without images is left out of the balanced accuracy."""
     c = len(classes)
     top1 = float(MulticlassAccuracy(c, top_k=1, average="micro")(probs, target))
-    top5 = float(MulticlassAccuracy(c, top_k=5, average="micro")(probs, target)) if c > 5 else None
+    top5_error = 1 - float(MulticlassAccuracy(c, top_k=5, average="micro")(probs, target)) if c > 5 else None
     cm = MulticlassConfusionMatrix(c)(probs, target).numpy()
     support = cm.sum(axis=1)
     table = pd.DataFrame({
@@ -133,9 +131,8 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
     })
     majority = int(support.argmax())
     metrics = {
-        "n": int(len(target)), "top1_error": 1 - top1, "top5_error": None if top5 is None else 1 - top5,
-        # mean recall over the classes present (sklearn's balanced accuracy); torchmetrics' macro recall also
-        # averages in a 0 for a class that is absent but predicted
+        "n": int(len(target)), "top1_error": 1 - top1, "top5_error": top5_error,
+        # mean recall of the classes present (sklearn's); torchmetrics' macro recall adds 0 for absent, predicted ones
         "accuracy": top1, "balanced_accuracy": float(table.loc[support > 0, "recall"].mean()),
         "macro_f1": float(MulticlassF1Score(c, average="macro")(probs, target)),
         "ece": float(MulticlassCalibrationError(c, n_bins=n_bins, norm="l1")(probs, target)), "n_bins": n_bins,
@@ -145,80 +142,64 @@ def score(probs: torch.Tensor, target: torch.Tensor, classes: list[str],
     return metrics, table, cm
 
 
-def _warnings(metrics: dict, items: pd.DataFrame, train: pd.DataFrame, bad: pd.DataFrame, folder: Path) -> list[str]:
-    """Count the evaluated images that are in the run's training split and the skipped files (listed in
-    ``bad_files.csv``) into ``metrics``; the console's and report's sentences about them."""
-    real = os.path.realpath  # the same file under another name (a symlinked folder) counts
-    metrics["train_overlap"] = int(items["path"].map(real).isin(set(train["path"].map(real))).sum())
-    metrics["bad_files"] = len(bad)
-    notes = []
-    if len(bad):
-        bad.to_csv(folder / "bad_files.csv", index=False)
-        notes.append(bad_files_note(bad, folder / "bad_files.csv"))
-    if metrics["train_overlap"]:
-        notes.append(f"{metrics['train_overlap']} of the {len(items)} evaluated images are in the run's own training "
-                     f"split: these scores overstate how it does on images it has not seen")
-    return notes
+def _single_label(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torch.Tensor, train: pd.DataFrame,
+                  n_bins: int, n_wrong: int, where: str) -> tuple[dict, pd.DataFrame, np.ndarray, pd.DataFrame, dict]:
+    """Metrics, per-class table, confusion matrix, predictions and pictures of a single-label evaluation."""
+    classes = run.classes
+    target = torch.tensor([classes.index(c) for c in items["label"]])
+    metrics, table, cm = score(probs, target, classes, n_bins=n_bins)
+    table.insert(1, "n_train", [int((train["label"] == c).sum()) for c in classes])
+    conf, pred = probs.max(-1)
+    correct = (pred == target).numpy()
+    predictions = pd.DataFrame({"path": items["path"].to_numpy(), "label": items["label"].to_numpy(),
+                                "predicted": [classes[i] for i in pred], "confidence": conf.numpy().round(6),
+                                "correct": correct})
+    predictions[[f"p_{c}" for c in classes]] = probs.numpy().round(6)
+    wrong = predictions[~correct].sort_values("confidence", ascending=False, kind="stable").head(n_wrong)
+    titles = [f"true: {t}\npredicted: {p} ({c:.2f})"
+              for t, p, c in zip(wrong["label"], wrong["predicted"], wrong["confidence"])]
+    figures = {
+        "per_class.png": plots.per_class(table),
+        "confusion.png": plots.confusion(cm, classes),
+        "calibration.png": plots.reliability(conf.numpy(), correct, n_bins, metrics["ece"]),
+        "wrong.png": _grid(predictor.preprocess, wrong, titles, title=f"Most confidently wrong: {len(wrong)} of the "
+                           f"{int((~correct).sum())} mistakes on {len(items)} images ({where})",
+                           empty=f"no mistakes on the {len(items)} images"),
+        "class_counts.png": plots.class_counts(run.items, classes),
+    }
+    return metrics, table, cm, predictions, figures
 
 
-def _evaluate_multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torch.Tensor, bad: pd.DataFrame,
-                         train: pd.DataFrame, folder: Path, record: dict, n_wrong: int, report: bool) -> Evaluation:
-    """Multi-label scores at the checkpoint's thresholds: mAP, macro/micro F1, per-label AP/F1, precision-recall
-    curves, F1 against threshold, co-occurrence, and the images whose predicted label sets miss most."""
+def _multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torch.Tensor, train: pd.DataFrame,
+                n_bins: int, n_wrong: int, where: str) -> tuple[dict, pd.DataFrame, np.ndarray, pd.DataFrame, dict]:
+    """The same for a multi-label run, at its thresholds: mAP, F1s, PR curves, co-occurrence, worst label sets."""
     classes = run.classes
     target = torch.from_numpy(multilabel.matrix(items["label"], classes))
     metrics, table = multilabel.score(probs, target, classes, predictor.thresholds)
     table.insert(1, "n_train", multilabel.matrix(train["label"], classes).sum(0).astype(int))
-    notes = _warnings(metrics, items, train, bad, folder)
     pred = multilabel.decide(probs, predictor.thresholds).numpy()
     error = (probs - target).abs().sum(1).numpy()  # how far the predicted probabilities are from the true set
     predictions = pd.DataFrame({"path": items["path"].to_numpy(), "labels": items["label"].to_numpy(),
                                 "predicted": [";".join(c for c, on in zip(classes, r) if on) for r in pred],
                                 "exact": (pred == target.numpy()).all(1), "error": error.round(4)})
-    for j, c in enumerate(classes):
-        predictions[f"prob_{c}"] = probs[:, j].numpy().round(6)
-    record |= {"classes": classes, "multilabel": True, "thresholds": predictor.thresholds, "metrics": metrics,
-               "warnings": notes, "confusion": []}
+    predictions[[f"prob_{c}" for c in classes]] = probs.numpy().round(6)
     worst = predictions.sort_values(["exact", "error"], ascending=[True, False], kind="stable").head(n_wrong)
-    titles = [f"true: {t or '-'}\npredicted: {p or '-'}\n{_short(Path(f).name)}"
-              for t, p, f in zip(worst["labels"], worst["predicted"], worst["path"])]
+    titles = [f"true: {t or '-'}\npredicted: {p or '-'}" for t, p in zip(worst["labels"], worst["predicted"])]
     figures = {
         "per_label.png": plots.per_label(table),
         "pr_curves.png": plots.pr_curves(multilabel.pr_curves(probs, target, classes), dict(zip(classes, table["ap"]))),
         "threshold_f1.png": plots.threshold_f1(multilabel.f1_sweep(probs, target, classes),
                                                dict(zip(classes, predictor.thresholds))),
         "cooccurrence.png": plots.cooccurrence(multilabel.matrix(run.items["label"], classes), classes),
-        "wrong.png": plots.image_grid(_as_read(predictor.preprocess, worst["path"]), titles,
-                                      title=f"Largest errors: wrong label sets first "
-                                      f"({int((~predictions['exact']).sum())} of {len(items)}), then the probabilities "
-                                      f"farthest from the true set ({record['data']}, {record['split']})"),
-        "curves.png": plots.curves(plots.read_logs(run.path), [g.name for g in run.plan.groups]),
+        "wrong.png": _grid(predictor.preprocess, worst, titles, title=f"Largest errors: wrong label sets first "
+                           f"({int((~predictions['exact']).sum())} of {len(items)}), then the probabilities farthest "
+                           f"from the true set ({where})"),
     }
-    return _write(run, folder, record, predictions, table, np.zeros((0, 0)), figures, report)
+    return metrics, table, np.zeros((0, 0)), predictions, figures
 
 
-def _as_read(pre, paths) -> list[np.ndarray]:
-    """The images as the network reads them, before resizing (read and intensity-scaled)."""
-    return [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in paths]
-
-
-def _write(run: Run, folder: Path, record: dict, predictions: pd.DataFrame, table: pd.DataFrame, cm: np.ndarray,
-           figures: dict, report: bool) -> Evaluation:
-    """predictions.csv, per_class.csv, metrics.json and the pictures into ``folder``, and the report if asked."""
-    predictions.to_csv(folder / "predictions.csv", index=False)
-    table.to_csv(folder / "per_class.csv", index=False)
-    (folder / "metrics.json").write_text(json.dumps({**record, "created": time.strftime("%Y-%m-%d %H:%M:%S")},
-                                                    indent=2))
-    for fname, fig in figures.items():
-        plots.save(fig, folder / fname)
-    result = Evaluation(folder=folder, run=run.path, data=record["data"], split=record["split"],
-                        checkpoint=record["checkpoint"], classes=record["classes"], metrics=record["metrics"],
-                        per_class=table, confusion=cm, pictures={n: folder / n for n in figures},
-                        warnings=record["warnings"])
-    if report:
-        write_report(run, result, out=folder / "report.html")
-    return result
-
-
-def _short(name: str, n: int = 28) -> str:
-    return name if len(name) <= n else name[:n - 11] + "..." + name[-8:]
+def _grid(pre: Preprocess, rows: pd.DataFrame, titles: list[str], **kw) -> Figure:
+    """The images of ``rows`` as read and intensity-scaled (before resizing), under their titles and file names."""
+    images = [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in rows["path"]]
+    names = [n if len(n) <= 28 else n[:17] + "..." + n[-8:] for n in (Path(p).name for p in rows["path"])]
+    return plots.image_grid(images, [f"{t}\n{n}" for t, n in zip(titles, names)], **kw)

@@ -41,20 +41,15 @@ class Explainer:
         with torch.enable_grad():
             return self.cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
 
-    def model_view(self, x: torch.Tensor) -> np.ndarray:
-        """The network's input (C, H, W) back in [0, 1] display units (H, W, 3): gray stays gray, several
-        channels show the first."""
-        cfg = self.predictor.preprocess.config
-        mean, std = (torch.tensor(cfg[k], dtype=x.dtype).view(-1, 1, 1) for k in ("mean", "std"))
-        img = (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        return img if img.shape[-1] == 3 else np.repeat(img[..., :1], 3, axis=-1)
-
     def overlays(self, files: Sequence[str | Path], targets: Sequence[int] | None = None) -> list[tuple]:
-        """For each file: the image as the model read it and the map over it (both H, W, 3 floats in [0, 1])."""
+        """For each file: the image as the model read it (normalisation undone; gray stays gray, several channels
+        show the first) and the map over it, both H, W, 3 floats in [0, 1]."""
         from pytorch_grad_cam.utils.image import show_cam_on_image
-        transform = self.predictor.preprocess.eval_transform()
-        x = torch.stack([self.predictor.preprocess.load(f, transform) for f in files])
-        views = [self.model_view(xi) for xi in x]
+        pre = self.predictor.preprocess
+        x = torch.stack([pre.load(f, self.predictor.transform) for f in files])
+        mean, std = (torch.tensor(pre.config[k], dtype=x.dtype).view(-1, 1, 1) for k in ("mean", "std"))
+        views = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        views = views if views.shape[-1] == 3 else np.repeat(views[..., :1], 3, axis=-1)
         return [(v, show_cam_on_image(v, m, use_rgb=True, image_weight=0.5) / 255.0)
                 for v, m in zip(views, self(x, targets))]
 
@@ -107,12 +102,11 @@ def explain(run: str | Path, paths: Sequence[str | Path], *, method: str = "grad
     table = predictor.predict_paths(files, top_k=top_k, batch_size=batch_size)
     folder = new_folder(Path(run), f"explain-{method.replace('+', 'p')}", out)
     targets = [predictor.classes.index(c) for c in table["label_1"]]
-    names = []
+    names = [str(folder / f"{i:04d}-{Path(f).stem}.png") for i, f in enumerate(files)]
     for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        for j, (f, (view, ov)) in enumerate(zip(chunk, explainer.overlays(chunk, targets[i:i + batch_size]))):
-            names.append(str(folder / f"{i + j:04d}-{Path(f).stem}.png"))
-            Image.fromarray((np.concatenate([view, ov], axis=1) * 255).round().astype(np.uint8)).save(names[-1])
+        pairs = explainer.overlays(files[i:i + batch_size], targets[i:i + batch_size])
+        for name, (view, overlay) in zip(names[i:i + batch_size], pairs):
+            Image.fromarray((np.concatenate([view, overlay], axis=1) * 255).round().astype(np.uint8)).save(name)
     table["overlay"] = names
     table.to_csv(folder / "explain.csv", index=False)
     return table

@@ -33,7 +33,9 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
     ckpt = run.checkpoint(checkpoint)
     predictor = Predictor.load(ckpt, device="cpu")
     model = predictor.model  # in eval mode, without the hold of training
-    example = _example(run, predictor)
+    items = run.items  # a few of the run's own images: real input for tracing and the parity check
+    items = items[items["split"] == "val"] if (items["split"] == "val").any() else items
+    example = torch.stack([predictor.preprocess.load(p, predictor.transform) for p in items["path"].head(4)])
     folder = new_folder(run.path, f"export-{fmt}", out)
     try:
         path = folder / FORMATS[fmt]
@@ -63,13 +65,6 @@ def export(run: Any, fmt: str = "onnx", out: str | Path | None = None, *, checkp
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
-
-
-def _example(run, predictor: Predictor, n: int = 4) -> torch.Tensor:
-    """A few of the run's own images as the network sees them (real input for tracing and the parity check)."""
-    items = run.items
-    items = items[items["split"] == "val"] if (items["split"] == "val").any() else items
-    return torch.stack([predictor.preprocess.load(p, predictor.transform) for p in items["path"].head(n)])
 
 
 def input_spec(pre: Preprocess) -> dict:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .data import default_workers
 from .images import IMAGE_EXTENSIONS, ImageError
@@ -64,15 +65,10 @@ class Predictor:
         path = Path(path)
         if (path / "export.json").is_file():
             return cls.from_export(path, device)
-        from .run import Run, load_checkpoint
-        ckpt_path = Run.open(path).checkpoint(checkpoint) if path.is_dir() else path
-        return cls.from_checkpoint(load_checkpoint(ckpt_path), device)
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict, device: str | None = None) -> Predictor:
         from .augment import model_channels
         from .backbone import create_backbone
-        from .run import recipe_from_checkpoint
+        from .run import Run, load_checkpoint, recipe_from_checkpoint
+        ckpt = load_checkpoint(Run.open(path).checkpoint(checkpoint) if path.is_dir() else path)
         meta, recipe = ckpt["finetune"], recipe_from_checkpoint(ckpt)
         model = create_backbone(recipe.backbone.name, len(meta["classes"]), pretrained=False,
                                 in_chans=model_channels(recipe))
@@ -82,8 +78,7 @@ class Predictor:
 
     @classmethod
     def from_export(cls, folder: str | Path, device: str | None = None, meta: dict | None = None) -> Predictor:
-        """From a folder made by ``finetune export`` (``meta``: its export.json, read from there if not given):
-        onnxruntime or torch.jit, no timm, Lightning or training code."""
+        """From a ``finetune export`` folder (``meta``: its export.json if read): no timm, Lightning or training."""
         meta = meta or json.loads((Path(folder) / "export.json").read_text())
         path = Path(folder) / meta["file"]
         if meta["format"] == "onnx":
@@ -109,7 +104,9 @@ class Predictor:
                       workers: int | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         """Class probabilities (N, classes) of image files in their order (read by ``workers`` loader processes),
         and ``{index: reason}`` of the files that could not be read (rows of NaN)."""
-        loader = DataLoader(_Files(files, self.preprocess, self.transform), batch_size=batch_size, collate_fn=_collate,
+        names = np.array([str(f) for f in files])  # numpy, not a list of str: workers share the pages
+        loader = DataLoader(range(len(files)), batch_size=batch_size,
+                            collate_fn=partial(_load_batch, names, self.preprocess, self.transform),
                             num_workers=default_workers() if workers is None else workers,
                             pin_memory=getattr(self.backend, "device", torch.device("cpu")).type == "cuda")
         probs, errors = torch.full((len(files), len(self.classes)), float("nan")), {}
@@ -121,55 +118,38 @@ class Predictor:
 
     def predict_paths(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False, batch_size: int = 32,
                       workers: int | None = None) -> pd.DataFrame:
-        """Top-k labels and probabilities for image files and folders (searched recursively): columns path,
-        label_1, prob_1, ..., and ``error`` when some file could not be read (why; its labels are then empty)."""
+        """Top-k labels and probabilities for image files and folders (searched recursively): columns path, label_1,
+        prob_1, ... (multi-label: labels, ';'-separated, prob_<label>) and ``error`` (why a file is unreadable)."""
         files = expand_paths(paths)
-        k = max(1, min(top_k, len(self.classes)))
         probs, errors = self.probabilities(files, tta, batch_size, workers)
-        if self.thresholds is not None:
-            return self._label_sets(files, probs, errors)
-        ok, top = ~probs.isnan().any(-1).numpy(), probs.nan_to_num(-1.0).topk(k, dim=-1)
         table = pd.DataFrame({"path": [str(f) for f in files]})
-        for j in range(k):
-            table[f"label_{j + 1}"] = np.where(ok, np.array(self.classes, dtype=object)[top.indices[:, j].numpy()], "")
-            table[f"prob_{j + 1}"] = np.where(ok, top.values[:, j].double().numpy().round(6), np.nan)
-        if errors:
+        if self.thresholds is not None:
+            present = (probs >= torch.tensor(self.thresholds)).numpy()
+            table["labels"] = [";".join(c for c, on in zip(self.classes, row) if on) for row in present]
+            table[[f"prob_{c}" for c in self.classes]] = probs.double().numpy().round(6)
+        else:
+            k = max(1, min(top_k, len(self.classes)))
+            ok, top = ~probs.isnan().any(-1).numpy(), probs.nan_to_num(-1.0).topk(k, dim=-1)
+            labels = np.array(self.classes, dtype=object)[top.indices.numpy()]
+            for j in range(k):
+                table[f"label_{j + 1}"] = np.where(ok, labels[:, j], "")
+                table[f"prob_{j + 1}"] = np.where(ok, top.values[:, j].double().numpy().round(6), np.nan)
+        if errors or self.thresholds is not None:
             table["error"] = [errors.get(i, "") for i in range(len(files))]
         return table
 
-    def _label_sets(self, files: list[Path], probs: torch.Tensor, errors: dict[int, str]) -> pd.DataFrame:
-        """Multi-label table: path, labels (';'-separated, those at or above their threshold), prob_<label>, error."""
-        present = (probs >= torch.tensor(self.thresholds)).numpy()
-        table = pd.DataFrame({"path": [str(f) for f in files],
-                              "labels": [";".join(c for c, on in zip(self.classes, row) if on) for row in present]})
-        for j, c in enumerate(self.classes):
-            table[f"prob_{c}"] = probs[:, j].double().numpy().round(6)
-        table["error"] = [errors.get(i, "") for i in range(len(files))]
-        return table
 
-
-class _Files(Dataset):
-    """Image files through the predictor's preprocessing: ``(tensor, index, None)``, or ``(None, index, reason)``
-    for a file that cannot be read."""
-
-    def __init__(self, files: Sequence[str | Path], preprocess: Preprocess, transform: Callable):
-        self.files = np.array([str(f) for f in files])  # numpy, not a list of str: workers share the pages
-        self.preprocess, self.transform = preprocess, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
+def _load_batch(files: np.ndarray, preprocess: Preprocess, transform: Callable,
+                index: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+    """Files ``index`` preprocessed in a loader worker: the batch, the indices read, ``{index: reason}`` of the rest."""
+    images, read, errors = [], [], {}
+    for i in index:
         try:
-            return self.preprocess.load(str(self.files[i]), self.transform), i, None
+            images.append(preprocess.load(str(files[i]), transform))
+            read.append(i)
         except ImageError as e:
-            return None, i, e.reason
-
-
-def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
-    good = [(x, i) for x, i, _ in batch if x is not None]
-    x = torch.stack([x for x, _ in good]) if good else torch.empty(0)
-    return x, torch.tensor([i for _, i in good], dtype=torch.long), {i: r for x, i, r in batch if x is None}
+            errors[i] = e.reason
+    return (torch.stack(images) if images else torch.empty(0)), torch.tensor(read, dtype=torch.long), errors
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:

@@ -49,10 +49,9 @@ def make_server(path: str | Path, port: int = 8000, top_k: int = 3) -> HTTPServe
 
         def _results(self, files: list[tuple[str, bytes]]) -> str:
             with tempfile.TemporaryDirectory() as tmp:
-                paths = []
-                for i, (name, data) in enumerate(files):
-                    paths.append(Path(tmp) / f"{i}{Path(name).suffix.lower()}")
-                    paths[-1].write_bytes(data)
+                paths = [Path(tmp) / f"{i}{Path(name).suffix.lower()}" for i, (name, _) in enumerate(files)]
+                for path, (_, data) in zip(paths, files):
+                    path.write_bytes(data)
                 table = predictor.predict_paths(paths, top_k=top_k)
                 pictures = ([_png(np.concatenate(pair, axis=1)) for pair in explainer.overlays(
                     paths, [predictor.classes.index(c) for c in table["label_1"]])] if explainer else [])
@@ -86,12 +85,9 @@ def make_server(path: str | Path, port: int = 8000, top_k: int = 3) -> HTTPServe
 
 def serve(path: str | Path, port: int = 8000, top_k: int = 3) -> None:
     """Serve until interrupted (Ctrl-C)."""
-    server = make_server(path, port, top_k)
-    print(f"serving {path} on http://127.0.0.1:{server.server_port}/ (this computer only; Ctrl-C stops)")
-    try:
+    with make_server(path, port, top_k) as server:
+        print(f"serving {path} on http://127.0.0.1:{server.server_port}/ (this computer only; Ctrl-C stops)")
         server.serve_forever()
-    finally:
-        server.server_close()
 
 
 def _png(image: np.ndarray) -> str:
