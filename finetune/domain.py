@@ -3,6 +3,7 @@ images (model in eval mode) and the ImageNet statistics the BN layer holds, per 
 (docs/distance.md; ``benchmarks/distance_table.py`` reproduces the calibration)."""
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,7 @@ class DistanceReport:
         lines += [f"{k:<{width}}  {v:.4f}" for k, v in self.per_stage.items()]
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.to_string()
+    __str__ = to_string
 
 
 def bn_layers(model: torch.nn.Module) -> dict[str, torch.nn.modules.batchnorm._BatchNorm]:
@@ -80,32 +80,21 @@ class _Moments:
     """Per-channel count, mean and sum of squared deviations, merged batch by batch in float64 (Chan et al.)."""
 
     def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0  # the first batch's merge leaves its own moments exactly
 
     def add(self, x: torch.Tensor) -> None:
-        dims = [0, *range(2, x.dim())]
         k = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)
+        var, mean = torch.var_mean(x.detach().float(), dim=[0, *range(2, x.dim())], correction=0)
         mean, m2 = mean.double().cpu(), var.double().cpu() * k
-        if self.mean is None:
-            self.n, self.mean, self.m2 = k, mean, m2
-            return
         n = self.n + k
         delta = mean - self.mean
         self.mean = self.mean + delta * (k / n)
         self.m2 = self.m2 + m2 + delta ** 2 * (self.n * k / n)
         self.n = n
 
-    @property
-    def var(self) -> torch.Tensor:
-        return self.m2 / self.n
-
 
 def hellinger2(mean_p: torch.Tensor, var_p: torch.Tensor, mean_q: torch.Tensor, var_q: torch.Tensor) -> torch.Tensor:
-    """Squared Hellinger distance between 1-D Gaussians N(mean_p, var_p) and N(mean_q, var_q), elementwise:
-    0 for equal statistics, towards 1 as they stop overlapping."""
+    """Elementwise squared Hellinger distance between 1-D Gaussians: 0 if equal, towards 1 as they stop overlapping."""
     s = var_p + var_q
     return 1 - torch.sqrt(2 * torch.sqrt(var_p * var_q) / s) * torch.exp(-(mean_p - mean_q) ** 2 / (4 * s))
 
@@ -155,18 +144,18 @@ class DistanceMeter:
             acc = self.moments[n]
             if keep.any() and acc.n:
                 h = hellinger2(bn.running_mean.detach().double().cpu()[keep], ref_var[keep] + bn.eps,
-                               acc.mean[keep], acc.var[keep] + bn.eps)
+                               acc.mean[keep], (acc.m2 / acc.n)[keep] + bn.eps)
                 per_layer[n] = float(h.mean())
         if not per_layer:
             raise ValueError("no BatchNorm channel with a running variance above 0: nothing to compare")
-        groups: dict[str, list[float]] = {}
+        groups: dict[str, list[float]] = {s.name: [] for s in self._stages} | {"other": []}
         for n, v in per_layer.items():
-            owner = [s.name for s in self._stages if any(n == m or n.startswith(m + ".") for m in s.modules)]
-            groups.setdefault(owner[0] if owner else "other", []).append(v)  # other: a BN without parameters
-        order = [s.name for s in self._stages] + ["other"]
-        per_stage = {k: sum(groups[k]) / len(groups[k]) for k in order if k in groups}
+            owner = (s.name for s in self._stages if any(n == m or n.startswith(m + ".") for m in s.modules))
+            groups[next(owner, "other")].append(v)  # other: a BN without parameters
+        per_stage = {k: sum(v) / len(v) for k, v in groups.items() if v}
         raw = sum(per_stage.values()) / len(per_stage)
-        name = _model_name(self.model)
+        cfg = getattr(self.model, "pretrained_cfg", None) or getattr(self.model, "default_cfg", None) or {}
+        name = cfg.get("architecture", type(self.model).__name__)
         return DistanceReport(overall=calibrate(raw, name), raw=raw, per_stage=per_stage, n_images=self.n_images,
                               model=name, per_layer=per_layer)
 
@@ -176,7 +165,8 @@ def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_s
     """Distance to ImageNet, as ``model``'s BatchNorm statistics see it, of ``images``: a normalised (N, C, H, W)
     tensor (see :func:`prepare`) or an iterable of such batches (a DataLoader's ``(x, y)`` batches too)."""
     meter = DistanceMeter(model)
-    for x in _batches(images, batch_size):
+    for x in images.split(batch_size) if isinstance(images, torch.Tensor) else images:
+        x = x[0] if isinstance(x, (list, tuple)) else x
         if max_images is not None:
             x = x[:max_images - meter.n_images]
         if len(x) == 0:
@@ -185,16 +175,13 @@ def distance(model: torch.nn.Module, images: torch.Tensor | Iterable, *, batch_s
     return meter.report()
 
 
-def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, size: int | None = None,
-            recipe=None) -> torch.Tensor:
+def prepare(images: Sequence[np.ndarray], model: torch.nn.Module, *, recipe=None) -> torch.Tensor:
     """Arrays (HxW gray or HxWx3/4 RGB(A); integers or float in [0, 1]) as the evaluation pipeline of ``recipe``
-    (default: the default recipe) makes them for ``model``; ``size`` overrides the input size."""
+    (default: the default recipe) makes them for ``model``."""
     from .augment import build_transforms, data_config, read_channels
     from .recipe import Recipe
 
     recipe = recipe or Recipe()
-    if size is not None:
-        recipe = recipe.override({"image.size": size})
     tf = build_transforms(recipe, data_config(recipe, model), train=False)
     return torch.stack([tf(image=_unit_float(a, read_channels(recipe)))["image"] for a in images])
 
@@ -204,8 +191,7 @@ def measure_folder(root: str | Path | None, recipe=None, *, csv: str | Path | No
                    seed: int = 0) -> DistanceReport:
     """Distance to ImageNet of a seeded sample of ``max_images`` of a dataset's files, read as the evaluation pipeline
     does, measured with ``model`` (default: the calibrated reference network, whatever the recipe trains)."""
-    if model is None:
-        model = reference_model(recipe)
+    model = reference_model(recipe) if model is None else model
     return distance(model, folder_batches(root, model, recipe, csv=csv, max_images=max_images,
                                           batch_size=batch_size, seed=seed))
 
@@ -240,23 +226,13 @@ def folder_batches(root: str | Path | None, model: torch.nn.Module, recipe=None,
     pre = Preprocess(channels, im.intensity, im.percentiles, stats, im.max_pixels)
     tf = Pipeline(augment.build_transforms(recipe, augment.data_config(recipe, model), train=False))
 
-    def load(path: str) -> torch.Tensor | None:
-        try:
-            return pre.load(path, tf)
-        except ImageError:  # scan read headers only: a truncated file shows up here
-            return None
-
     for i in range(0, len(paths), batch_size):
-        xs = [x for x in map(load, paths[i:i + batch_size]) if x is not None]
+        xs = []
+        for path in paths[i:i + batch_size]:
+            with contextlib.suppress(ImageError):  # scan read headers only: a truncated file shows up here
+                xs.append(pre.load(path, tf))
         if xs:
             yield torch.stack(xs)
-
-
-def _batches(images: torch.Tensor | Iterable, batch_size: int):
-    if isinstance(images, torch.Tensor):
-        images = images.split(batch_size)
-    for x in images:
-        yield x[0] if isinstance(x, (list, tuple)) else x
 
 
 def _unit_float(a: np.ndarray, channels: int) -> np.ndarray:
@@ -268,8 +244,3 @@ def _unit_float(a: np.ndarray, channels: int) -> np.ndarray:
     if a.shape[-1] != channels:
         a = np.repeat(a, channels, axis=-1) if a.shape[-1] == 1 else a.mean(axis=-1, keepdims=True)
     return np.ascontiguousarray(a)
-
-
-def _model_name(model: torch.nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    return cfg.get("architecture", type(model).__name__)

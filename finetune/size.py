@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
+import timm
 import torch
 from torch import nn
 
 from finetune.reference_nets import REFERENCE_INPUT_SIZES, reference_model
+from finetune.stages import stages
 
 __all__ = ["SizeReport", "inspect_model", "reference_model", "CONV", "LINEAR", "POOL", "NORM", "PARAM"]
 
@@ -19,9 +22,11 @@ CONV, LINEAR, POOL, NORM, PARAM = "convolution", "fully connected", "pooling", "
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _POOL_TYPES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._LPPoolNd,
                nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
-_SHORT = {CONV: "conv", LINEAR: "fc", POOL: "pool", NORM: "norm", PARAM: "other"}
+_STYLE = {CONV: ("conv", "tab:blue"), LINEAR: ("fc", "tab:orange"), POOL: ("pool", "tab:green"),
+          NORM: ("norm", "tab:purple"), PARAM: ("other", "tab:gray")}  # short name, colour
 _PARAM_COLS = ["weights", "biases_bn", "other_params"]
-_TOTAL_COLS = ["units", "connections", *_PARAM_COLS, "params", "fwd_ops", "bwd_ops", "train_ops", "saved_units"]
+_OP_COLS = ["fwd_ops", "bwd_ops", "train_ops", "saved_units"]
+_TOTAL_COLS = ["units", "connections", *_PARAM_COLS, "params", *_OP_COLS]
 
 
 @dataclass
@@ -49,17 +54,15 @@ class SizeReport:
         df = self.layers.assign(parameters=self.layers[_PARAM_COLS].sum(axis=1))
         order, labels = self.stages["stage"].tolist(), self.stages["stage_name"].tolist()
         fig = figure(max(10.0, 0.5 * len(order) * 3), 4.5)
-        colours = {CONV: "tab:blue", LINEAR: "tab:orange", POOL: "tab:green", NORM: "tab:purple", PARAM: "tab:gray"}
         for ax, col in zip(fig.subplots(1, 3), ["units", "parameters", "connections"]):
             table = df.pivot_table(index="stage", columns="type", values=col, aggfunc="sum", fill_value=0)
-            table = table.reindex(order).fillna(0)
-            table = table[[t for t in colours if t in table.columns and table[t].sum() > 0]]
-            bottom = pd.Series(0.0, index=table.index)
+            table = table.reindex(order, fill_value=0)
+            table = table[[t for t in _STYLE if t in table.columns and table[t].sum() > 0]]
+            bottom = table.cumsum(axis=1).shift(axis=1, fill_value=0)
             for t in table.columns:
-                ax.bar(range(len(order)), table[t], bottom=bottom, color=colours[t], label=t)
-                bottom += table[t]
+                ax.bar(range(len(order)), table[t], bottom=bottom[t], color=_STYLE[t][1], label=t)
             share = table.sum() / max(table.to_numpy().sum(), 1)
-            shares = ", ".join(f"{_SHORT[t]} {v:.0%}" for t, v in share.sort_values(ascending=False).items()
+            shares = ", ".join(f"{_STYLE[t][0]} {v:.0%}" for t, v in share.sort_values(ascending=False).items()
                                if v >= 0.005)
             ax.set_title(f"{col}\n{shares}", fontsize=9)
             ax.set_xticks(range(len(order)), labels, rotation=60, ha="right", fontsize=8)
@@ -80,11 +83,7 @@ def inspect_model(model: nn.Module | str, input_size: tuple[int, ...] | None = N
     """Count units, weights, connections and training operations of ``model`` (a module, a reference net name
     'lenet5'/'alexnet', or a timm name built with pretrained=False) for one example of shape ``input_size``."""
     if isinstance(model, str):
-        if model in REFERENCE_INPUT_SIZES:
-            model = reference_model(model)
-        else:
-            import timm
-            model = timm.create_model(model, pretrained=False)
+        model = reference_model(model) if model in REFERENCE_INPUT_SIZES else timm.create_model(model, pretrained=False)
     cfg = getattr(model, "pretrained_cfg", None) or {}  # timm's, or the one reference_model sets
     name = cfg.get("architecture", type(model).__name__)
     input_size = tuple(input_size or cfg.get("input_size", (3, 224, 224)))
@@ -110,23 +109,26 @@ def _tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else next(t for t in x if isinstance(t, torch.Tensor))
 
 
-def _count(mod: nn.Module, kind: str, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
-    """(output units, connections) of one call, batch 1."""
+def _count(row: dict, mod: nn.Module, args, out) -> None:
+    """Forward hook: add one call's output units and connections (batch 1) to the layer's row."""
+    inp, out, kind = _tensor(args), _tensor(out), row["type"]
     if kind == CONV:  # weight[0] holds K^2 I / groups entries: one output unit's connections
-        return out.numel(), out.numel() * mod.weight[0].numel()
-    if kind == LINEAR:  # applied to every token/position: out.numel() = positions x N
-        return out.numel(), out.numel() * mod.in_features
-    if kind == POOL:
-        k = getattr(mod, "kernel_size", None)
-        if k is None:  # adaptive/global pools: every input unit feeds one window (exact for global pooling)
-            return out.numel(), inp.numel()
-        return out.numel(), out.numel() * math.prod(k if isinstance(k, tuple) else (k,) * (inp.dim() - 2))
-    return 0, 0  # normalization rescales the units of the layer before it: no new units, no connections
+        conns = out.numel() * mod.weight[0].numel()
+    elif kind == LINEAR:  # applied to every token/position: out.numel() = positions x N
+        conns = out.numel() * mod.in_features
+    elif kind == POOL and (k := getattr(mod, "kernel_size", None)) is not None:
+        conns = out.numel() * math.prod(k if isinstance(k, tuple) else (k,) * (inp.dim() - 2))
+    elif kind == POOL:  # adaptive/global pools: every input unit feeds one window (exact for global pooling)
+        conns = inp.numel()
+    else:  # normalization rescales the units of the layer before it: no new units, no connections
+        return
+    row["units"] += out.numel()
+    row["connections"] += conns
 
 
 def _probe(model: nn.Module, input_size: tuple[int, ...]) -> list[dict]:
     """One row per counted module (and one per parameter owned by no counted module), in execution order."""
-    rows, order, hooks, seen = [], {}, [], set()
+    rows, called, hooks, seen = [], [], [], set()
     for mname, mod in model.named_modules():
         kind = _kind(mod)
         own = [(p, t) for p, t in mod.named_parameters(recurse=False) if id(t) not in seen]
@@ -134,28 +136,14 @@ def _probe(model: nn.Module, input_size: tuple[int, ...]) -> list[dict]:
         if kind is not None:
             params = [("weights" if p == "weight" and kind in (CONV, LINEAR) else "biases_bn", t) for p, t in own]
             rows.append(dict(name=mname, type=kind, key=mname, params=params, units=0, connections=0))
+            hooks.append(mod.register_forward_hook(partial(_count, rows[-1])))
         else:
             rows += [dict(name=f"{mname}.{p}" if mname else p, type=PARAM, key=mname,
                           params=[("other_params", t)], units=0, connections=0) for p, t in own]
-        if kind is None and not own:
-            continue
-
-        def first_call(m, args, key=mname):
-            order.setdefault(key, len(order))
-
-        hooks.append(mod.register_forward_pre_hook(first_call))
-        if kind is not None:
-            row = rows[-1]
-
-            def hook(m, args, out, row=row):
-                units, conns = _count(m, row["type"], _tensor(args), _tensor(out))
-                row["units"] += units
-                row["connections"] += conns
-
-            hooks.append(mod.register_forward_hook(hook))
-    first = next(iter(model.parameters()), None)
-    x = torch.randn(1, *input_size, device=first.device if first is not None else None,
-                    dtype=first.dtype if first is not None else None)
+        if kind is not None or own:
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, key=mname: called.append(key)))
+    first = next(model.parameters(), torch.empty(0))
+    x = torch.randn(1, *input_size, device=first.device, dtype=first.dtype)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -166,6 +154,7 @@ def _probe(model: nn.Module, input_size: tuple[int, ...]) -> list[dict]:
             h.remove()
         for m, training in modes.items():
             m.training = training
+    order = {key: i for i, key in enumerate(dict.fromkeys(called))}
     never = len(order) + len(rows)  # modules the forward never called go last, in definition order
     return sorted(rows, key=lambda r: order.get(r["key"], never))
 
@@ -173,23 +162,20 @@ def _probe(model: nn.Module, input_size: tuple[int, ...]) -> list[dict]:
 def _costs(rows: list[dict]) -> pd.DataFrame:
     """Layer table with freeze-aware operations: forward one per connection; backward one per connection for the
     input gradient if an earlier layer is trainable, one per connection for the weight gradient if trainable."""
-    out, earlier_trainable = [], False
     trains = [any(t.requires_grad for _, t in r["params"]) for r in rows]
-    first = trains.index(True) if True in trains else len(rows) + 1
-    part = False
+    first = trains.index(True) if True in trains else len(rows) + 1  # the first trainable layer
+    out, part = [], False
     for i, r in enumerate(rows):
         sums = {c: sum(t.numel() for cat, t in r["params"] if cat == c) for c in _PARAM_COLS}
         wgrad = any(cat == "weights" and t.requires_grad for cat, t in r["params"])
         conns = r["connections"]
-        bwd = conns * (int(earlier_trainable) + int(wgrad))
+        bwd = conns * (int(first < i) + int(wgrad))
         part = trains[i] if r["params"] else part  # parameter-free layers join the part of the layer before them
         out.append(dict(name=r["name"], type=r["type"], units=r["units"], **sums, connections=conns,
                         trainable=part, fwd_ops=conns, bwd_ops=bwd, train_ops=conns + bwd,
                         # kept for backward: the layer's output if gradient reaches it or the next layer needs it
                         saved_units=r["units"] if i + 1 >= first else 0))
-        earlier_trainable |= trains[i]
-    cols = ["name", "type", "units", *_PARAM_COLS, "connections", "trainable", "fwd_ops", "bwd_ops", "train_ops",
-            "saved_units"]
+    cols = ["name", "type", "units", *_PARAM_COLS, "connections", "trainable", *_OP_COLS]
     return pd.DataFrame(out, columns=cols).astype({c: "int64" for c in cols if c not in ("name", "type", "trainable")})
 
 
@@ -197,19 +183,16 @@ def _assign_stages(model: nn.Module, layers: pd.DataFrame) -> pd.DataFrame:
     """Stage of each layer: the lead's ``finetune.stages`` (timm's group_matcher, head split out) for timm models,
     one stage per top-level child otherwise (one per layer for the reference nets)."""
     if hasattr(model, "group_matcher"):
-        from finetune.stages import stages
-
         groups = stages(model)
         by_param = {p: i for i, s in enumerate(groups) for p in s.params}
         by_module = [(m, i) for i, s in enumerate(groups) for m in s.modules]
         names = [s.name for s in groups]
-        ids, prev = [], 0
+        ids = []
         for n in layers["name"]:
             i = by_param.get(n, by_param.get(f"{n}.weight"))  # parameter rows by name, layers by their weight
             if i is None:  # parameter-free layer: the stage module containing it, else the stage before it
-                i = next((j for m, j in by_module if n == m or n.startswith(m + ".")), prev)
+                i = next((j for m, j in by_module if n == m or n.startswith(m + ".")), ids[-1] if ids else 0)
             ids.append(i)
-            prev = i
     else:
         tops = layers["name"].str.split(".").str[0]
         names = list(dict.fromkeys(tops))
@@ -218,9 +201,8 @@ def _assign_stages(model: nn.Module, layers: pd.DataFrame) -> pd.DataFrame:
 
 
 def _stage_table(layers: pd.DataFrame) -> pd.DataFrame:
-    num = ["units", *_PARAM_COLS, "connections", "fwd_ops", "bwd_ops", "train_ops", "saved_units"]
     g = layers.groupby(["stage", "stage_name"], sort=True)
-    out = g[num].sum().reset_index()
+    out = g[["units", *_PARAM_COLS, "connections", *_OP_COLS]].sum().reset_index()
     out.insert(2, "layers", g.size().to_numpy())
     out.insert(out.columns.get_loc("other_params") + 1, "params", out[_PARAM_COLS].sum(axis=1))
     out["trainable"] = g["trainable"].any().to_numpy()
@@ -230,13 +212,11 @@ def _stage_table(layers: pd.DataFrame) -> pd.DataFrame:
 def _totals(layers: pd.DataFrame, params: list[tuple[str, int, bool]]) -> pd.DataFrame:
     """Rows frozen / trainable / total. Parameter columns split each parameter by its own requires_grad; the other
     columns split layers by the part they are in (the ``trainable`` column)."""
-    parts = {False: "frozen", True: "trainable"}
     table = pd.DataFrame(0, index=["frozen", "trainable", "total"], columns=_TOTAL_COLS, dtype="int64")
-    by_part = layers.groupby("trainable")[[c for c in _TOTAL_COLS if c not in _PARAM_COLS + ["params"]]].sum()
-    for flag, row in by_part.iterrows():
-        table.loc[parts[bool(flag)], row.index] = row.to_numpy()
+    by_part = layers.groupby("trainable")[["units", "connections", *_OP_COLS]].sum()
+    table.loc[by_part.index.map({False: "frozen", True: "trainable"}), by_part.columns] = by_part.to_numpy()
     for col, numel, grad in params:
-        table.loc[parts[grad], col] += numel
+        table.loc["trainable" if grad else "frozen", col] += numel
     table["params"] = table[_PARAM_COLS].sum(axis=1)
     table.loc["total"] = table.loc["frozen"] + table.loc["trainable"]
     return table

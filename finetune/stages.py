@@ -2,6 +2,8 @@
 first, with the classifier (``get_classifier()``, the layer a new task replaces) split out as the last group."""
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +19,6 @@ class Stage:
     params: tuple[str, ...]
     modules: tuple[str, ...]  # outermost modules wholly inside this group, in model order
 
-    @property
-    def size(self) -> int:
-        return len(self.params)
-
 
 def stages(model: torch.nn.Module) -> list[Stage]:
     """Ordered groups of ``model``: stem, the stages from input to output, then the classifier head."""
@@ -29,11 +27,10 @@ def stages(model: torch.nn.Module) -> list[Stage]:
     if hasattr(model, "group_matcher"):
         grouped = group_parameters(model, model.group_matcher(coarse=True))
         groups = [[p for p in ps if p not in head_params] for _, ps in sorted(grouped.items())]
-    else:  # a plain torch module: one group per top-level child
-        groups = _by_top_level(names, head_params)
-    groups = [g for g in groups if g]
-    if head_params:
-        groups.append([p for p in names if p in head_params])
+    else:  # a plain torch module: one group per top-level child (named_parameters lists each child's together)
+        body = [n for n in names if n not in head_params]
+        groups = [list(g) for _, g in itertools.groupby(body, key=lambda n: n.split(".")[0])]
+    groups = [g for g in groups if g] + ([[p for p in names if p in head_params]] if head_params else [])
     modules = _outer_modules(model, {p: i for i, g in enumerate(groups) for p in g}, len(groups))
     out = []
     for i, g in enumerate(groups):
@@ -45,38 +42,20 @@ def stages(model: torch.nn.Module) -> list[Stage]:
 
 def _classifier_params(model: torch.nn.Module) -> set[str]:
     """Parameter names of the module timm calls the classifier (empty if there is none)."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if get else None
-    if not isinstance(head, torch.nn.Module):
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    prefix = next((name for name, mod in model.named_modules() if mod is head), None)
+    if not isinstance(head, torch.nn.Module) or prefix is None:
         return set()
-    for name, mod in model.named_modules():
-        if mod is head:
-            return {f"{name}.{p}" if name else p for p, _ in mod.named_parameters()}
-    return set()
-
-
-def _by_top_level(names: list[str], head: set[str]) -> list[list[str]]:
-    order: dict[str, list[str]] = {}
-    for n in names:
-        if n not in head:
-            order.setdefault(n.split(".")[0], []).append(n)
-    return list(order.values())
+    return {f"{prefix}.{p}" if prefix else p for p, _ in head.named_parameters()}
 
 
 def _outer_modules(model: torch.nn.Module, owner: dict[str, int], n: int) -> list[list[str]]:
     """For each group, the outermost modules whose parameters all belong to it (parameter-free modules
     such as activations and DropPath follow their parent)."""
     group_of: dict[str, int | None] = {}
-    for name, mod in model.named_modules():
-        if not name:
-            continue
+    for name, mod in list(model.named_modules())[1:]:  # the model itself is no group's module
         ids = {owner[f"{name}.{p}"] for p, _ in mod.named_parameters() if f"{name}.{p}" in owner}
-        if len(ids) == 1:
-            group_of[name] = ids.pop()
-        elif not ids:
-            group_of[name] = group_of.get(name.rpartition(".")[0])
-        else:
-            group_of[name] = None
+        group_of[name] = (ids.pop() if len(ids) == 1 else None) if ids else group_of.get(name.rpartition(".")[0])
     out: list[list[str]] = [[] for _ in range(n)]
     for name, g in group_of.items():
         parent = name.rpartition(".")[0]
@@ -90,12 +69,7 @@ def _label(params: list[str], modules: list[str]) -> str:
     if 0 < len(modules) <= 3:
         return "+".join(modules)
     split = [p.split(".")[:-1] for p in params]
-    common = []
-    for bits in zip(*split):
-        if len(set(bits)) > 1:
-            break
-        common.append(bits[0])
-    if common:
+    if common := os.path.commonprefix(split):
         return ".".join(common)
     parts: list[str] = []
     for bits in split:
