@@ -17,12 +17,11 @@ def texture_folder(folder: str | Path, patch: int = 64, val_every: int = 4) -> P
         return root
     for name in ("brick", "grass", "gravel"):
         img = getattr(data, name)()
-        rows, cols = img.shape[0] // patch, img.shape[1] // patch
-        for i in range(rows * cols):
+        cols = img.shape[1] // patch
+        for i in range(img.shape[0] // patch * cols):
             r, c = divmod(i, cols)
             tile = img[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
-            split = "val" if i % val_every == 0 else "train"
-            out = root / split / name
+            out = root / ("val" if i % val_every == 0 else "train") / name
             out.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.ascontiguousarray(tile)).save(out / f"{name}_{i:03d}.png")
     return root
@@ -32,15 +31,11 @@ def digits_folder(folder: str | Path, per_class: int | None = None, size: int = 
     """scikit-learn's 8x8 handwritten digits, upsampled to ``size`` px, one sub-folder per digit."""
     from sklearn.datasets import load_digits
 
-    root = Path(folder)
     d = load_digits()
-    counts: dict[int, int] = {}
-    for img, label in zip(d.images, d.target):
-        if per_class is not None and counts.get(label, 0) >= per_class:
-            continue
-        counts[label] = counts.get(label, 0) + 1
-        out = root / str(label)
+    for label in np.unique(d.target):
+        out = Path(folder) / str(label)
         out.mkdir(parents=True, exist_ok=True)
-        arr = (img / 16.0 * 255).astype(np.uint8)
-        Image.fromarray(arr).resize((size, size), Image.BILINEAR).save(out / f"{label}_{counts[label]:04d}.png")
-    return root
+        for i, img in enumerate(d.images[d.target == label][:per_class], 1):
+            arr = (img / 16.0 * 255).astype(np.uint8)
+            Image.fromarray(arr).resize((size, size), Image.BILINEAR).save(out / f"{label}_{i:04d}.png")
+    return Path(folder)

@@ -3,10 +3,8 @@ multiplier, so the rate is the head's); a tenth of the rate at the lowest loss (
 misread short curves: docs/benchmarks-accuracy.md), recorded in ``RUN/lr_find.*`` and read back on resume."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,8 +15,7 @@ MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
 
 
 class KeepMultipliers(pl.Callback):
-    """Scales every group's rate by the plan's multiplier (0 while its stage is fixed) before each step: the
-    finder sets them all to the one rate it sweeps."""
+    """Scales the one rate the finder sweeps by each group's multiplier (0 while its stage is fixed) before a step."""
 
     def __init__(self, plan):
         self.plan = plan
@@ -32,9 +29,8 @@ def resolve(run, module: pl.LightningModule, datamodule, accelerator: str = "aut
     """The head's rate for a recipe with ``optim.lr: find``: read back from the run, or searched now; it is set in
     the module's recipe, whose optimizer uses it."""
     from pytorch_lightning.tuner import Tuner
-    path = Path(run.path) / "lr_find.json"
-    if path.is_file():
-        found = json.loads(path.read_text())
+    if (run.path / "lr_find.json").is_file():
+        found = run.read_json("lr_find.json")
     elif int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))) > 1:
         raise ValueError("optim.lr: find searches in one process, not in a multi-process launch: run 'finetune "
                          "lr-find DATA' first, then train with --lr RATE")
@@ -49,16 +45,16 @@ def resolve(run, module: pl.LightningModule, datamodule, accelerator: str = "aut
                                         num_training=STEPS, update_attr=False)
         plan.adapted = adapted  # the finder restored the weights, BN statistics included: training adapts again
         curve = pd.DataFrame(finder.results)  # lr, smoothed loss per step
-        curve.to_csv(Path(run.path) / "lr_find.csv", index=False)
+        curve.to_csv(run.path / "lr_find.csv", index=False)
         lr, why = choose(curve["lr"].to_numpy(), curve["loss"].to_numpy(), finder.suggestion())
         fig = finder.plot(suggest=False)
         fig.axes[0].axvline(lr, color="#c44e52", ls="--", label=f"chosen: {lr:.3g}")
         fig.axes[0].legend()
-        fig.savefig(Path(run.path) / "lr_find.png", dpi=100)
+        fig.savefig(run.path / "lr_find.png", dpi=100)
         found = {"lr": float(lr), "reason": f"learning rate {lr:.3g} for the head, the plan's multipliers give the "
                                             f"other groups their share: {why}", "steps": len(curve)}
-        path.write_text(json.dumps(found, indent=2))
-        with open(Path(run.path) / "plan.txt", "a") as f:
+        run.write_json("lr_find.json", found)
+        with open(run.path / "plan.txt", "a") as f:
             f.write(f"\n- {found['reason']}\n")
     log.info(found["reason"])
     module.recipe.optim.lr = found["lr"]

@@ -55,10 +55,8 @@ def build(model: torch.nn.Module, plan: Plan, o: Optim, steps_per_epoch: int, ep
           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW or SGD (nesterov) over :func:`param_groups`, with one :func:`lr_factor` per group."""
     groups = param_groups(model, plan, o.lr, o.weight_decay)
-    if o.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=o.lr)
-    else:
-        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+    opt = (torch.optim.AdamW(groups, lr=o.lr) if o.name == "adamw"
+           else torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True))
     factors = [lr_factor(plan.groups[g["stage"]], steps_per_epoch, epochs, o.warmup_epochs, o.schedule,
                          o.min_lr_ratio) for g in groups]
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)

@@ -2,6 +2,7 @@
 summary.json, ...): created once, appended to on resume, read back by evaluate, predict and export."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -24,15 +25,12 @@ class RunError(RuntimeError):
 def next_free(parent: str | Path, base: str) -> Path:
     """Create and return ``parent/base``, or ``base-2``, ``base-3``...: the first that does not exist (``mkdir`` is
     atomic, so two processes never get the same folder)."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+    Path(parent).mkdir(parents=True, exist_ok=True)
     for i in range(1, 10_000):
-        path = parent / (base if i == 1 else f"{base}-{i}")
-        try:
+        path = Path(parent) / (base if i == 1 else f"{base}-{i}")
+        with contextlib.suppress(FileExistsError):
             path.mkdir()
             return path
-        except FileExistsError:
-            continue
     raise RunError(f"no free folder name for {parent / base}")
 
 
@@ -87,22 +85,17 @@ class Run:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    # -- creating ----------------------------------------------------------------------------------------
     @classmethod
     def create(cls, out: str | Path, name: str | None, stem: str) -> Run:
-        """Make a new run folder under ``out``; a given ``name`` that exists is an error, an automatic name
-        gets a numbered suffix. Nothing that exists is ever reused."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if name:
-            path = out / name
-            try:
-                path.mkdir()
-            except FileExistsError:
-                raise RunError(f"run folder {path} exists and is never overwritten; choose another --name, or "
-                               f"continue it with: finetune train --resume {path}") from None
-            return cls(path)
-        return cls(next_free(out, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        """A new run folder: ``out/name`` (one that exists is an error) or ``out/<stem>-<time>``, numbered if taken."""
+        if not name:
+            return cls(next_free(out, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        try:
+            (path := Path(out) / name).mkdir(parents=True)
+        except FileExistsError:
+            raise RunError(f"run folder {path} exists and is never overwritten; choose another --name, or "
+                           f"continue it with: finetune train --resume {path}") from None
+        return cls(path)
 
     def write_new(self, name: str, data: str | bytes) -> Path:
         """Write a file that must not exist yet (a run's records are written once)."""
@@ -114,12 +107,11 @@ class Run:
 
     def write_json(self, name: str, obj: Any, replace: bool = False) -> Path:
         text = json.dumps(obj, indent=2, default=_jsonable)
-        if replace:
-            atomic_write(self.path / name, text)
-            return self.path / name
-        return self.write_new(name, text)
+        if not replace:
+            return self.write_new(name, text)
+        atomic_write(self.path / name, text)
+        return self.path / name
 
-    # -- reading -------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> Run:
         run = cls(path)
@@ -157,19 +149,12 @@ class Run:
     def checkpoint(self, which: str = "final") -> Path:
         """The final model (the refit's last epoch after a refit, else the best epoch), the best or the last
         checkpoint of the first fit."""
-        folder = self.path / "checkpoints"
-        refit = self.summary.get("refit", {}).get("checkpoint")
-        if which == "final" and refit and (self.path / refit).is_file():
-            return self.path / refit
-        if which == "last":
-            path = folder / "last.ckpt"
-        else:
-            best = self.summary.get("best_checkpoint")
-            path = self.path / best if best else None
-            if path is None or not path.exists():
-                found = sorted(folder.glob("best-*.ckpt"))
-                path = found[-1] if found else folder / "last.ckpt"
-        if not path.exists():
+        folder, s, tries = self.path / "checkpoints", self.summary, []
+        if which != "last":  # the refit's final model, the recorded best, the newest best-*.ckpt
+            named = [s.get("refit", {}).get("checkpoint") if which == "final" else None, s.get("best_checkpoint")]
+            tries = [self.path / p for p in named if p] + sorted(folder.glob("best-*.ckpt"))[-1:]
+        path = next((p for p in tries if p.is_file()), folder / "last.ckpt")
+        if not path.is_file():
             raise RunError(f"{self.path} has no {which} checkpoint yet (the run stopped before its first epoch "
                            f"ended); start it again")
         return path
@@ -194,6 +179,4 @@ def _jsonable(x: Any) -> Any:
         return str(x)
     if hasattr(x, "item"):
         return x.item()
-    if isinstance(x, tuple):
-        return list(x)
     raise TypeError(f"cannot write {type(x).__name__} to JSON")

@@ -7,29 +7,26 @@ from pathlib import Path
 
 import pandas as pd
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from .extras import require
-
-MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> package it imports
 
 
 def loggers(names: list[str], run_path: Path) -> list[Logger]:
     """The CSV logger (``RUN/logs``, which the run's tables read) first, then the others asked for; a logger whose
     package is missing is an error naming the extra, raised before any training."""
-    from pytorch_lightning import loggers as L
     out: list[Logger] = [CSVLogger(run_path, name="logs")]
     for name in dict.fromkeys(n for n in names if n != "csv"):
-        require(MODULES[name], name, f"train.loggers: {name}")
+        require(name, name, f"train.loggers: {name}")  # each logger's package and extra have its name
         if name == "tensorboard":
-            out.append(L.TensorBoardLogger(run_path, name="tensorboard", default_hp_metric=False))
+            out.append(TensorBoardLogger(run_path, name="tensorboard", default_hp_metric=False))
         elif name == "mlflow":  # MLflow's own variable wins; else a file store inside the run folder
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(run_path) / "mlruns").resolve().as_uri()
             if uri.startswith("file:"):  # MLflow 3 asks to opt in to its file store (no server, no database)
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             out.append(_MLflow(experiment_name="finetune", run_name=Path(run_path).name, tracking_uri=uri))
         else:
-            out.append(L.WandbLogger(name=Path(run_path).name, project="finetune", save_dir=str(run_path)))
+            out.append(WandbLogger(name=Path(run_path).name, project="finetune", save_dir=str(run_path)))
     return out
 
 
@@ -59,14 +56,12 @@ class LogRun(pl.Callback):
         final = {f"final_{k}": float(v) for k, v in trainer.callback_metrics.items()
                  if k.startswith(("val_", "train_")) and not k.endswith(("_step", "_epoch"))}
         files = [self.path / n for n in ("recipe.yaml", "plan.txt", "lr_find.png") if (self.path / n).is_file()]
-        for lg in trainer.loggers:
-            if isinstance(lg, CSVLogger):
-                continue
+        for lg in [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]:
             lg.log_hyperparams(params)
             lg.log_metrics(final, step=trainer.global_step)
             if isinstance(lg, MLFlowLogger):
                 for f in files:
                     lg.experiment.log_artifact(lg.run_id, str(f))
-            elif type(lg).__name__ == "WandbLogger":
+            elif isinstance(lg, WandbLogger):
                 for f in files:
                     lg.experiment.save(str(f), base_path=str(self.path), policy="now")

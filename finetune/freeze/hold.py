@@ -2,6 +2,7 @@
 after each ``train()`` (as mmdetection's ``norm_eval``; no hooks, so ``torch.compile`` sees a plain model), AdaBN."""
 from __future__ import annotations
 
+from itertools import islice
 from typing import Iterable, Iterator
 
 import torch
@@ -58,26 +59,21 @@ def adapt_bn(model: torch.nn.Module, plan: Plan, batches: Iterable, max_batches:
     """AdaBN: re-estimate the running statistics of the 'adapt' groups on target images (every other module in eval
     mode, modes restored after); returns the number of images seen."""
     bns = [m for g in plan.groups if g.bn == "adapt" for m in _modules(model, g) if isinstance(m, _BN)]
-    seen = 0
-    if bns:
-        modes = {m: m.training for m in model.modules()}
-        momenta = [bn.momentum for bn in bns]
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # a cumulative average over all batches seen
-            bn.train()
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for i, x in enumerate(batches):
-                if i >= max_batches:
-                    break
-                x = x[0] if isinstance(x, (list, tuple)) else x
-                model(x.to(device))
-                seen += len(x)
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-        for m, training in modes.items():
-            m.training = training
+    modes, momenta = {m: m.training for m in model.modules()}, [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over all batches seen
+        bn.train()
+    seen, device = 0, next(model.parameters()).device
+    with torch.no_grad():
+        for x in islice(batches if bns else (), max_batches):
+            x = x[0] if isinstance(x, (list, tuple)) else x
+            model(x.to(device))
+            seen += len(x)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    for m, training in modes.items():
+        m.training = training
     plan.adapted = True
     return seen

@@ -21,8 +21,7 @@ _BN = torch.nn.modules.batchnorm._BatchNorm
 
 @dataclass
 class GroupPlan:
-    """What happens to one stage: when it starts training (None: never), its lr multiplier, its BN mode ('-' for
-    a stage without BatchNorm)."""
+    """One stage's part: when it starts training (None: never), its lr multiplier, its BN mode ('-': no BatchNorm)."""
 
     name: str
     kind: str
@@ -51,8 +50,7 @@ class GroupPlan:
 
 @dataclass
 class Plan:
-    """A freeze plan for one model: what trains at which epoch, at which rate, with which BN behaviour.
-    :mod:`finetune.freeze.hold` acts on a model with it."""
+    """A freeze plan for one model: what trains at which epoch, at which rate, with which BN behaviour."""
 
     groups: list[GroupPlan]
     schedule: str = "none"
@@ -109,9 +107,8 @@ class Plan:
 
 
 def make_plan(model: torch.nn.Module, depth: int, *, base_mult: float = 0.1, decay: float = 1.0,
-              bn_fixed: str = "frozen", bn_trained: str = "train", schedule: str = "none",
-              epochs: int = 1, probe_epochs: int | None = None, reasons: Iterable[str] = (),
-              inputs: dict | None = None) -> Plan:
+              bn_fixed: str = "frozen", bn_trained: str = "train", schedule: str = "none", epochs: int = 1,
+              probe_epochs: int | None = None, reasons: Iterable[str] = (), inputs: dict | None = None) -> Plan:
     """A plan that fixes the first ``depth`` backbone groups and trains the rest at ``base_mult * decay**j`` of the
     head's rate (``j`` counting back from the head), released as ``schedule`` says (:func:`rule.releases`)."""
     if bn_fixed not in rule.BN_MODES or bn_trained not in rule.BN_MODES:
@@ -150,9 +147,8 @@ def from_decision(model: torch.nn.Module, d: rule.Decision) -> Plan:
 
 
 def auto(model: torch.nn.Module, *, n_train: int, n_classes: int, domain: str | None = None,
-         distance: float | None = None, epochs: int = 5, batch_size: int = 32,
-         bn: str = "auto", schedule: str = "auto", probe_epochs: int | None = None,
-         lr_decay: float | None = None) -> Plan:
+         distance: float | None = None, epochs: int = 5, batch_size: int = 32, bn: str = "auto", schedule: str = "auto",
+         probe_epochs: int | None = None, lr_decay: float | None = None) -> Plan:
     """The automatic plan from dataset size and a measured ``distance`` to ImageNet (0-1) or a declared ``domain``;
     ``bn``/``schedule``/``lr_decay`` other than auto override that part of the decision."""
     d, source = rule.distance_of(domain, distance)
@@ -191,8 +187,7 @@ def plan_for(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: in
         log.info("measured distance to ImageNet: %.2f (%d images)", report.overall, report.n_images)
         distance, source = report.overall, "measured"
     else:
-        distance, source = rule.distance_of(None if isinstance(f.domain, float) else f.domain,
-                                            f.domain if isinstance(f.domain, float) else None)
+        distance, source = rule.distance_of(*((None, f.domain) if isinstance(f.domain, float) else (f.domain, None)))
     counted = ""
     if per_class is not None:
         counted = (f"multi-label: the mean number of the {n_train} training images that carry each of the {n_classes} "
@@ -203,11 +198,6 @@ def plan_for(model: torch.nn.Module, recipe: Recipe, n_train: int, n_classes: in
                     lr_decay=f.lr_decay, counted=counted)
     if f.mode == "auto":
         return from_decision(model, d)
-    kw = dict(bn_fixed=d.bn_fixed, bn_trained=d.bn_trained, epochs=t.epochs, probe_epochs=f.probe_epochs,
-              inputs=d.inputs())
-    sched = "none" if f.schedule == "auto" else f.schedule
-    if f.mode == "full":
-        return full(model, schedule=sched, **kw)
-    if f.mode == "probe":
-        return probe(model, **kw)
-    return fixed(model, f.depth, schedule=sched, **kw)
+    return fixed(model, {"full": 0, "probe": 10_000}.get(f.mode, f.depth), bn_fixed=d.bn_fixed,
+                 bn_trained=d.bn_trained, schedule="none" if f.schedule == "auto" else f.schedule, epochs=t.epochs,
+                 probe_epochs=f.probe_epochs, inputs=d.inputs())

@@ -23,18 +23,14 @@ def data_score(n_train: int, n_classes: int) -> float:
 
 
 def trainable_share(n_train: int, n_classes: int, distance: float) -> float:
-    """Share of backbone groups to fine-tune: data score times (0.5 + distance), capped at 1.
-
-    Monotone: more data or a farther domain never fixes more. Data bounds the share (few examples cannot
-    support many free weights whatever the domain); distance scales what the data allows.
-    """
+    """Share of backbone groups to fine-tune: data score times (0.5 + distance), capped at 1. Data bounds the share
+    (few examples cannot support many free weights); distance scales what the data allows."""
     return min(1.0, data_score(n_train, n_classes) * (0.5 + distance))
 
 
 def bn_policy(share: float, batch_size: int = 32, per_class: float = math.inf) -> tuple[str, str]:
     """BN modes (fixed groups, trained groups): ImageNet's statistics everywhere, except trained groups of a plan
-    that moves most of the network (share >= RETRAIN_BN_FROM), from RETRAIN_BN_PER_CLASS images a class and with
-    batches of RETRAIN_BN_BATCH or more."""
+    that moves most of the network, with enough images a class and large enough batches (the RETRAIN_BN_* limits)."""
     retrain = share >= RETRAIN_BN_FROM and per_class >= RETRAIN_BN_PER_CLASS and batch_size >= RETRAIN_BN_BATCH
     return "frozen", ("train" if retrain else "frozen")
 
@@ -54,11 +50,8 @@ def distance_of(domain: str | None, distance: float | None) -> tuple[float, str]
 
 
 def releases(schedule: str, n_trained: int, epochs: int, probe_epochs: int | None = None) -> tuple[str, list[int], str]:
-    """(schedule, start epoch of each trained backbone group from the head down, the sentence that says so).
-
-    A group may start no later than epoch ``epochs - 2``, so it trains at least two epochs: later starts are
-    capped, and with fewer than 3 epochs there is no room for a schedule (all groups train from the start).
-    """
+    """(schedule, start epoch of each trained backbone group from the head down, the sentence that says so); every
+    group starts by epoch ``epochs - 2`` so it trains at least two epochs (fewer than 3 epochs: no schedule)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if schedule == "none" or n_trained == 0:
@@ -74,17 +67,16 @@ def releases(schedule: str, n_trained: int, epochs: int, probe_epochs: int | Non
         return "lp-ft", [p] * n_trained, (
             f"schedule: linear probe for {p} epoch(s){capped}, then the trained groups are released (LP-FT): a "
             "random head first would push noisy gradients into the pretrained features.")
-    starts = [min(j + 1, last) for j in range(n_trained)]
-    late = sum(j + 1 > last for j in range(n_trained))
+    late = max(0, n_trained - last)
     capped = (f"; the {late} group(s) that would start at or after the last epoch start at epoch {last} instead, "
               f"so every group trains at least two of the {epochs} epochs" if late else "")
+    starts = [min(j + 1, last) for j in range(n_trained)]
     return "gradual", starts, f"schedule: gradual unfreezing, one group per epoch from the head down{capped}."
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What the rule decided, with the numbers it used: how many backbone groups stay fixed, their rates, BN modes
-    and schedule."""
+    """What the rule decided (fixed groups, their rates, BN modes, schedule), with the numbers it used."""
 
     n_train: int
     n_classes: int
@@ -116,8 +108,7 @@ class Decision:
 def decide(n_train: int, n_classes: int, n_groups: int, *, distance: float, source: str = "measured",
            epochs: int = 5, batch_size: int = 32, bn: str = "auto", schedule: str = "auto",
            probe_epochs: int | None = None, lr_decay: float | None = None, counted: str = "") -> Decision:
-    """The automatic decision for ``n_groups`` backbone groups; ``bn``/``schedule``/``lr_decay`` other than auto
-    override that part of it."""
+    """The automatic decision for ``n_groups`` backbone groups; ``bn``/``schedule``/``lr_decay`` override its parts."""
     share = trainable_share(n_train, n_classes, distance)
     k = round(share * n_groups)
     if bn == "auto":
@@ -134,16 +125,16 @@ def decide(n_train: int, n_classes: int, n_groups: int, *, distance: float, sour
 
 
 def explain(d: Decision, fixed_names: list[str] = (), has_bn: bool = True) -> list[str]:
-    """The reasons for a decision, with its numbers; nothing about BatchNorm for a model without it (``has_bn``).
-    The schedule's sentence comes from :func:`releases` (the plan adds it)."""
+    """The reasons for a decision, with its numbers (the schedule's comes from :func:`releases`); nothing about
+    BatchNorm for a model without it (``has_bn``)."""
     far = ("far from ImageNet's natural photos" if d.distance >= 0.6 else
            "midway between ImageNet's natural photos and far domains such as microscopy"
            if d.distance >= ADAPT_FROM else "close to ImageNet's natural photos")
     k = d.n_groups - d.depth
     reasons = [
         f"{d.per_class:.0f} images a class ({d.counted or f'{d.n_train} training images, {d.n_classes} classes'}): "
-        f"data score "
-        f"{d.score:.2f} (log scale: 1 image a class is 0, 1000 is 1). Fewer examples: more weights stay fixed.",
+        f"data score {d.score:.2f} (log scale: 1 image a class is 0, 1000 is 1). Fewer examples: more weights stay "
+        f"fixed.",
         f"distance to ImageNet {d.distance:.2f} ({d.source}): {far}. Farther: more of the network must change, "
         f"earlier stages included.",
         f"share of the {d.n_groups} backbone groups to fine-tune = data score x (0.5 + distance) = "
@@ -163,10 +154,9 @@ def explain(d: Decision, fixed_names: list[str] = (), has_bn: bool = True) -> li
                    f"{d.batch_size} >= {RETRAIN_BN_BATCH}: most of the network moves, with enough images to estimate "
                    f"its statistics).")
         else:
-            short = [f"share {d.share:.2f} < {RETRAIN_BN_FROM}"] if d.share < RETRAIN_BN_FROM else []
-            short += [f"{d.per_class:.0f} < {RETRAIN_BN_PER_CLASS} images a class"] \
-                if d.per_class < RETRAIN_BN_PER_CLASS else []
-            short += [f"batches of {d.batch_size} < {RETRAIN_BN_BATCH}"] if d.batch_size < RETRAIN_BN_BATCH else []
+            short = [text for text, low in [(f"share {d.share:.2f} < {RETRAIN_BN_FROM}", d.share < RETRAIN_BN_FROM),
+                (f"{d.per_class:.0f} < {RETRAIN_BN_PER_CLASS} images a class", d.per_class < RETRAIN_BN_PER_CLASS),
+                (f"batches of {d.batch_size} < {RETRAIN_BN_BATCH}", d.batch_size < RETRAIN_BN_BATCH)] if low]
             why = (f"ImageNet's statistics kept, scale and shift train ({' and '.join(short)}: statistics "
                    f"re-estimated from few images are noisier than ImageNet's and differ between training and "
                    f"evaluation; measured, they cost accuracy at 10 and 100 images a class).")
