@@ -25,8 +25,7 @@ _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8", b"P5", b"P6", *_TIF
 
 
 class ImageError(Exception):
-    """One file cannot be read as the image the recipe expects; ``reason`` is a fixed kind ("corrupt", "truncated",
-    "not an image", ...), then ": detail"."""
+    """A file that cannot be read; ``reason``: a kind ("corrupt", "truncated", "not an image", ...), then ": detail"."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         super().__init__(str(path), reason)
