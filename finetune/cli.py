@@ -52,9 +52,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="finetune", epilog=EPILOG,
-                                 description="Fine-tune pretrained ImageNet backbones (timm) on your own images; "
-                                             "a freeze policy decides what to fix from your data.")
+    ap = argparse.ArgumentParser(prog="finetune", epilog=EPILOG, description="Fine-tune pretrained ImageNet backbones "
+                                 "(timm) on your own images; a freeze policy decides what to fix from your data.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune a backbone on an image folder or CSV", epilog=EPILOG,
@@ -77,11 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics, plots and a report of a trained run on a data folder")
     p.add_argument("run", help="a run folder made by 'finetune train'")
     _data_args(p, required=False)
-    p.add_argument("--split", default=None, help="which split of DATA to use when it has train/val/test (default: "
-                                                  "test if present, else val, else all)")
-    p.add_argument("--checkpoint", default="final", choices=["final", "best", "last"],
-                   help="final: the refit model after a refit, else the best epoch's weights; best; last "
-                        "(default: final)")
+    p.add_argument("--split", help="which split of DATA to use when it has train/val/test (default: test if present, "
+                                   "else val, else all)")
+    p.add_argument("--checkpoint", default="final", choices=["final", "best", "last"], help="final: the refit model "
+                   "after a refit, else the best epoch's weights; best; last (default: final)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, help="processes that read the images (default: 0 on 2 CPU cores or fewer, "
@@ -117,14 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="units, weights, connections and training cost of a backbone")
     p.add_argument("backbone", help="timm model name, or lenet5 / alexnet")
-    p.add_argument("--input-size", default=None, help="CxHxW, e.g. 3x224x224 (default: the model's own)")
-    p.add_argument("--freeze", default=None, help="fixed leading groups: a number, 'probe', 'full'")
+    p.add_argument("--input-size", help="CxHxW, e.g. 3x224x224 (default: the model's own)")
+    p.add_argument("--freeze", help="fixed leading groups: a number, 'probe', 'full'")
     _recipe_args(p)
     p.add_argument("--plot", help="write the per-stage picture to this PNG")
     p.add_argument("--csv", help="write the per-layer table to this CSV")
     p.add_argument("--n-train", type=int, default=1000, help="training images assumed by an automatic plan")
     p.add_argument("--n-classes", type=int, default=10, help="classes assumed by an automatic plan")
-    p.add_argument("--layers", action="store_true", help="print every layer, not only stages and totals (always for lenet5/alexnet)")
+    p.add_argument("--layers", action="store_true",
+                   help="print every layer, not only stages and totals (always for lenet5/alexnet)")
 
     p = sub.add_parser("check", help="scan a data folder and report bad files, without training")
     _data_args(p, required=False)
@@ -152,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--method", "-m", default="gradcam", help="gradcam (default), gradcam++, hirescam, xgradcam, "
                                                               "layercam, eigencam, eigengradcam, scorecam, ablationcam")
-    p.add_argument("--top-k", "-k", type=int, default=3, help="answers to show per image, each with its map (default: 3)")
+    p.add_argument("--top-k", "-k", type=int, default=3,
+                   help="answers to show per image, each with its map (default: 3)")
     p.add_argument("--out", help="folder to write (default: RUN/explain-METHOD)")
 
     p = sub.add_parser("lr-find", help="Lightning's learning-rate finder on the freeze plan's groups, without training",
@@ -190,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-#: command-line flag (its argparse dest) -> the recipe key it sets
+#: command-line flag (its argparse dest) -> the recipe key it sets (the last three are switches: key=true)
 _FLAG_KEYS = {"backbone": "backbone.name", "weights": "backbone.weights", "epochs": "train.epochs",
               "batch_size": "train.batch_size", "lr": "optim.lr", "image_size": "image.size",
               "precision": "train.precision", "devices": "train.devices", "num_nodes": "train.num_nodes",
-              "strategy": "train.strategy", "accelerator": "train.accelerator", "scan": "train.scan"}
-_SWITCH_KEYS = {"deterministic": "train.deterministic", "strict": "train.strict", "allow_outside": "train.allow_outside"}
+              "strategy": "train.strategy", "accelerator": "train.accelerator", "scan": "train.scan",
+              "deterministic": "train.deterministic", "strict": "train.strict", "allow_outside": "train.allow_outside"}
 
 #: what the library says in Python words -> the command-line words. A rule with a flag applies only where the
 #: command has that flag; ``typed``: only where the user typed it. The tests hold each message to its CLI form.
@@ -216,62 +216,61 @@ def _cli_words(message: str, args: argparse.Namespace) -> str:
     for dest, typed, pattern, words in _PY_TO_CLI:
         if dest is None or (getattr(args, dest, None) if typed else hasattr(args, dest)):
             message = re.sub(pattern, words, message)
-    for dest, key in {**_FLAG_KEYS, **_SWITCH_KEYS}.items():
+    for dest, key in _FLAG_KEYS.items():
         if getattr(args, dest, None) is not None and getattr(args, dest) is not False:
             message = message.replace(f"'{key}'", f"'{key}' (--{dest.replace('_', '-')})")
     return message
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set values, then KEY=VALUE for each recipe flag typed (a switch: KEY=true)."""
     sets = list(args.overrides)
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            sets.append(f"{key}={value}")
-    for flag, key in _SWITCH_KEYS.items():
-        if getattr(args, flag, False):
-            sets.append(f"{key}=true")
+    for dest, key in _FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value is not False:
+            sets.append(f"{key}={'true' if value is True else value}")
     return sets
+
+
+def _resolve_recipe(args: argparse.Namespace):
+    """(recipe, why): the recipe the options name, or without --recipe the one chosen from DATA's images."""
+    from .autorecipe import resolve
+    return resolve(args.recipe, args.data, args.csv, _train_overrides(args))
 
 
 def _print_summary(run) -> None:
     import pandas as pd
     from .data import bad_files_note
     s, listed = run.summary, run.path / "bad_files.csv"
-    note = bad_files_note(pd.read_csv(listed, keep_default_na=False), listed) if listed.is_file() else None
-    if note:
+    if listed.is_file() and (note := bad_files_note(pd.read_csv(listed, keep_default_na=False), listed)):
         print(note, file=sys.stderr)
-    print(f"\nrun folder: {run.path}")
     score = s.get("best_score")
-    print(f"best checkpoint: {s.get('best_checkpoint')}  ({s.get('best_metric')} = "
+    print(f"\nrun folder: {run.path}\nbest checkpoint: {s.get('best_checkpoint')}  ({s.get('best_metric')} = "
           f"{'-' if score is None else f'{score:.4f}'})")
     for k, v in sorted(s.get("final_metrics", {}).items()):
         print(f"  {k:<14} {v:.4f}")
     if "refit" in s:
-        r = s["refit"]
-        print(f"final model: {r['checkpoint']}, refit on train + val ({r['images']} images, {r['epochs']} epochs, "
-              f"{r['wall_time_s']} s); the scores above are the first fit's on the validation split")
+        print("final model: {checkpoint}, refit on train + val ({images} images, {epochs} epochs, {wall_time_s} s); "
+              "the scores above are the first fit's on the validation split".format(**s["refit"]))
     print(f"wall time: {s.get('wall_time_s')} s")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+# -- the commands: each returns its exit status, None for 0 ----------------------------------------------------
+
+def _cmd_train(args: argparse.Namespace) -> int | None:
     from .train import TrainingStopped, fit
-    try:
-        if args.resume:
-            run = fit(resume=args.resume, progress=not args.no_progress, overrides=_train_overrides(args))
-        else:
-            if not args.data and not args.csv:
-                raise ValueError("give an image folder (or --csv FILE), or --resume RUN")
-            run = fit(args.data, args.recipe, csv=args.csv, out=args.out, name=args.name,
-                      overrides=_train_overrides(args), progress=not args.no_progress)
+    if not (args.resume or args.data or args.csv):
+        raise ValueError("give an image folder (or --csv FILE), or --resume RUN")
+    try:  # with --resume, fit continues that run and needs none of the new run's options
+        run = fit(args.data, args.recipe, csv=args.csv, out=args.out, name=args.name, resume=args.resume or None,
+                  overrides=_train_overrides(args), progress=not args.no_progress)
     except TrainingStopped as e:
         print(e, file=sys.stderr)
         return 130
     _print_summary(run)
-    return 0
 
 
-def _cmd_quickstart(args: argparse.Namespace) -> int:
+def _cmd_quickstart(args: argparse.Namespace) -> None:
     from .examples import texture_folder
     from .train import fit
     folder = texture_folder(args.folder)
@@ -280,19 +279,16 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     run = fit(folder, "natural", out=args.out, overrides=[f"train.epochs={args.epochs}", "train.refit=false"])
     _print_summary(run)
     print(f"\nnext: finetune evaluate {run.path}    finetune predict {run.path} {folder}/val --top-k 2")
-    return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
     result = evaluate(args.run, args.data, csv=args.csv, split=args.split, checkpoint=args.checkpoint,
                       tta=args.tta, batch_size=args.batch_size, workers=args.workers)
-    print(result.to_string())
-    print(f"\nreport: {result.folder / 'report.html'}")
-    return 0
+    print(f"{result.to_string()}\n\nreport: {result.folder / 'report.html'}")
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _cmd_predict(args: argparse.Namespace) -> None:
     from .data import bad_files_note
     from .predict import Predictor
     if args.out and Path(args.out).exists():
@@ -305,64 +301,46 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                          f"--strict they are skipped and listed in the error column)")
     if args.out:
         table.to_csv(args.out, index=False)
-        print(f"wrote {len(table)} predictions to {args.out}")
-    else:
-        print(table.to_string(index=False))
-    note = bad_files_note(bad, f"the error column of {args.out or 'the table above'}")
-    if note:
+    print(f"wrote {len(table)} predictions to {args.out}" if args.out else table.to_string(index=False))
+    if note := bad_files_note(bad, f"the error column of {args.out or 'the table above'}"):
         print(note, file=sys.stderr)
-    return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export
-    path = export(args.run, fmt=args.format, out=args.out)
-    print(f"exported to {path}")
-    return 0
+    print(f"exported to {export(args.run, fmt=args.format, out=args.out)}")
 
 
-def _load_recipe(args: argparse.Namespace, why: bool = False):
-    """The recipe the options name; without --recipe the one chosen from DATA's images (and, with ``why``, the
-    reasons for the choice)."""
-    from .autorecipe import resolve
-    recipe, reasons = resolve(args.recipe, getattr(args, "data", None), getattr(args, "csv", None),
-                              _train_overrides(args))
-    return (recipe, reasons) if why else recipe
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _cmd_plan(args: argparse.Namespace) -> None:
     from .train import labels_kind, prepare, recipe_model, run_plan
-    recipe, chosen = _load_recipe(args, why=True)
+    recipe, chosen = _resolve_recipe(args)
     items, classes, sc = prepare(args.data, recipe, csv=args.csv)
     recipe = labels_kind(recipe, sc)
-    model = recipe_model(recipe, len(classes))
-    n_train = int((items["split"] == "train").sum())
-    plan = run_plan(model, recipe, items, classes, chosen, data=args.data, csv=args.csv, multi=sc.multilabel)
-    print(f"{recipe.backbone.name} on {args.data or args.csv}: {n_train} training images, {len(classes)} classes, "
-          f"recipe '{recipe.name}', {recipe.train.epochs} epochs, batches of {recipe.train.batch_size}\n")
-    print(plan.explain())
-    return 0
+    plan = run_plan(recipe_model(recipe, len(classes)), recipe, items, classes, chosen, data=args.data,
+                    csv=args.csv, multi=sc.multilabel)
+    print(f"{recipe.backbone.name} on {args.data or args.csv}: {(items['split'] == 'train').sum()} training images, "
+          f"{len(classes)} classes, recipe '{recipe.name}', {recipe.train.epochs} epochs, batches of "
+          f"{recipe.train.batch_size}\n\n{plan.explain()}")
 
 
-def _cmd_distance(args: argparse.Namespace) -> int:
+def _cmd_distance(args: argparse.Namespace) -> None:
     from .domain import measure_folder
-    report = measure_folder(args.data, _load_recipe(args), csv=args.csv, max_images=args.max_images)
+    report = measure_folder(args.data, _resolve_recipe(args)[0], csv=args.csv, max_images=args.max_images)
     print(report.to_string())
-    return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _cmd_inspect(args: argparse.Namespace) -> None:
     from . import freeze
     from .reference_nets import reference_model
     from .size import inspect_model
     size = tuple(int(v) for v in args.input_size.lower().split("x")) if args.input_size else None
-    if args.backbone in ("lenet5", "alexnet"):
+    reference = args.backbone in ("lenet5", "alexnet")
+    if reference:
         model = reference_model(args.backbone)
     else:
         from .backbone import create_backbone
         from .recipe import load_recipe
-        model = create_backbone(args.backbone, args.n_classes, pretrained=False,
-                                in_chans=size[0] if size else 3)
+        model = create_backbone(args.backbone, args.n_classes, pretrained=False, in_chans=size[0] if size else 3)
         f = args.freeze
         sets = [] if f is None else [f"freeze.mode={f}"] if f in ("probe", "full", "auto") else [
             "freeze.mode=fixed", f"freeze.depth={f}"]
@@ -373,12 +351,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             freeze.apply(model, plan, released)  # costs once every scheduled group trains
             print(plan.explain() + f"\n\ncounted at epoch {released}, once the schedule has released its groups\n")
     report = inspect_model(model, size)
-    print(report.to_string(layers=args.layers or args.backbone in ("lenet5", "alexnet")))
+    print(report.to_string(layers=args.layers or reference))
     if args.csv:
         report.layers.to_csv(args.csv, index=False)
     if args.plot:
         print(f"picture: {report.plot(args.plot)}")
-    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -394,51 +371,41 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if len(sc.bad) else 0
 
 
-def _cmd_pack(args: argparse.Namespace) -> int:
+def _cmd_pack(args: argparse.Namespace) -> None:
     from .pack import pack
-    recipe = _load_recipe(args)
-    if args.scan:
-        recipe = recipe.override({"train.scan": args.scan})
-    packed = pack(args.data, recipe, args.out, csv=args.csv, workers=args.workers)
+    packed = pack(args.data, _resolve_recipe(args)[0], args.out, csv=args.csv, workers=args.workers)
     counts = ", ".join(f"{s} {n}" for s, n in packed.meta["counts"].items() if n)
     print(f"packed {len(packed.items)} images in {len(packed.classes)} classes ({counts}; {len(packed.bad)} bad files "
           f"left out) to {packed.url}\nnext: finetune train {packed.url}")
-    return 0
 
 
-def _cmd_explain(args: argparse.Namespace) -> int:
+def _cmd_explain(args: argparse.Namespace) -> None:
     from .explain import explain
     table = explain(args.run, args.paths, method=args.method, top_k=args.top_k, out=args.out)
-    print(table.to_string(index=False))
-    print(f"\noverlays and explain.csv in {Path(table['overlay'][0]).parent}")
-    return 0
+    print(f"{table.to_string(index=False)}\n\noverlays and explain.csv in {Path(table['overlay'][0]).parent}")
 
 
-def _cmd_lr_find(args: argparse.Namespace) -> int:
+def _cmd_lr_find(args: argparse.Namespace) -> None:
     from .train import find_only
-    sets = [*args.overrides, *([f"backbone.name={args.backbone}"] if args.backbone else [])]
-    run, found = find_only(args.data, args.recipe, csv=args.csv, out=args.out, overrides=sets)
+    run, found = find_only(args.data, args.recipe, csv=args.csv, out=args.out, overrides=_train_overrides(args))
     print(f"{found['reason']}\ncurve: {run.path / 'lr_find.png'}\ntrain with it: --lr {found['lr']:.3g} "
           f"(or optim.lr: find in the recipe)")
-    return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args: argparse.Namespace) -> None:
     from .serve import serve
     serve(args.run, port=args.port, top_k=args.top_k)
-    return 0
 
 
-def _cmd_recipes(args: argparse.Namespace) -> int:
+def _cmd_recipes(args: argparse.Namespace) -> None:
     from .recipe import list_recipes, resolve_path
     if args.name:
         print(resolve_path(args.name).read_text().rstrip("\n"))
-        return 0
+        return
     for name, desc in list_recipes().items():
         print(f"{name:<14} {desc}")
     print("\nshow one: finetune recipes NAME; use one: finetune train DATA --recipe NAME (or a YAML path); without "
           "--recipe one is chosen from DATA's images (finetune plan DATA says which and why)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ through OpenCV, which Pillow squashes to 8 bits: timm issue 831), and scale its 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import os
 import struct
 from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageError", "ImageInfo", "dataset_percentiles", "examine", "probe",
            "read_image", "to_unit_float"]
@@ -21,21 +22,10 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "WEBP", "GIF", "PPM", "TIFF")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8", b"P5", b"P6", *_TIFF_MAGIC)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Pillow mode -> (channels as read_image returns them natively, dtype, last channel is alpha)
-_PIL_MODES = {
-    "1": (1, "uint8", False), "L": (1, "uint8", False), "LA": (2, "uint8", True), "La": (2, "uint8", True),
-    "P": (3, "uint8", False), "PA": (4, "uint8", True), "RGB": (3, "uint8", False), "RGBX": (3, "uint8", False),
-    "RGBA": (4, "uint8", True), "RGBa": (4, "uint8", True), "CMYK": (3, "uint8", False),
-    "YCbCr": (3, "uint8", False), "LAB": (3, "uint8", False), "HSV": (3, "uint8", False),
-    "I;16": (1, "uint16", False), "I;16L": (1, "uint16", False), "I;16B": (1, "uint16", False),
-    "I;16N": (1, "uint16", False), "I": (1, "int32", False), "F": (1, "float32", False),
-}
 
 
 class ImageError(Exception):
-    """One file cannot be read as the image the recipe expects; ``reason`` is a fixed kind ("corrupt", "truncated",
-    "not an image", ...), then ": detail"."""
+    """A file that cannot be read; ``reason``: a kind ("corrupt", "truncated", "not an image", ...), then ": detail"."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         super().__init__(str(path), reason)
@@ -67,30 +57,40 @@ def read_image(path: str | os.PathLike, channels: int = 3, *, max_pixels: int = 
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
     arr, alpha = _read_native(path, max_pixels, data)
-    return _fit_channels(arr, alpha, channels, path)
+    _check_channels(path, arr.shape[-1], alpha, channels)
+    if alpha and arr.shape[-1] != channels:
+        arr = np.ascontiguousarray(arr[..., :-1])
+    if arr.shape[-1] == channels:
+        return arr
+    if channels == 3:
+        return np.repeat(arr, 3, axis=-1)
+    gray = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return (gray if arr.dtype.kind == "f" else np.rint(gray)).astype(arr.dtype)[..., None]
 
 
 def probe(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     """Read only the header: size, native channels and dtype, without decoding pixels (a truncated file passes)."""
-    with _open(path) as f:
-        head = _head(f, path)
+    with _open(path) as (f, head):
         try:
             if head[:4] in _TIFF_MAGIC:
-                return _probe_tiff(f, path, max_pixels)
-            if _is_png16_colour(head):
-                width, height, color_type = struct.unpack(">II", head[16:24]) + (head[25],)
-                _check_size(path, width, height, max_pixels)
-                k = {2: 3, 4: 2, 6: 4}[color_type]
-                return ImageInfo(width, height, k, np.dtype("uint16"), alpha=color_type != 2)
+                import tifffile
+                with tifffile.TiffFile(f) as tf:
+                    series, axes, k = _tiff_layout(tf, path, max_pixels)
+                shape, dtype = series[0].shape, series[0].dtype
+                dtype = np.dtype("uint8") if dtype == bool else (np.dtype("float32") if dtype.kind == "f" else dtype)
+                return ImageInfo(shape[axes.index("X")], shape[axes.index("Y")], k, dtype)
+            if size := _png16_size(path, head, max_pixels):
+                return ImageInfo(*size, {2: 3, 4: 2, 6: 4}[head[25]], np.dtype("uint16"), alpha=head[25] != 2)
             im = _open_pil(f, path, head)
             _check_size(path, *im.size, max_pixels)
-            k, dtype, alpha = _PIL_MODES.get(im.mode, (3, "uint8", False))
-            if im.mode == "P" and "transparency" in im.info:
-                k, alpha = 4, True
+            mode = ImageMode.getmode(_pil_mode(im))
             width, height = im.size
-            if _orientation(im) in (5, 6, 7, 8):  # rotated by 90 degrees
-                width, height = height, width
-            return ImageInfo(width, height, k, np.dtype(dtype), alpha)
+            with contextlib.suppress(Exception):  # a broken EXIF block: read_image keeps such pixels as stored too
+                # PNG is skipped: Pillow decodes it to find a late eXIf chunk; 5-8 are rotations by 90 degrees
+                if im.format != "PNG" and int(im.getexif().get(0x0112, 1)) in (5, 6, 7, 8):
+                    width, height = height, width
+            dtype = np.dtype(mode.typestr).newbyteorder("=")
+            return ImageInfo(width, height, len(mode.bands), dtype, mode.bands[-1] == "A")
         except ImageError:
             raise
         except Exception as e:  # a header parser tripping on garbage
@@ -98,8 +98,7 @@ def probe(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> ImageInfo
 
 
 def examine(path: str, decode: bool = True, max_pixels: int = MAX_PIXELS) -> ImageInfo | str:
-    """The file's native info (every pixel decoded when ``decode``, else the header only), or the reason it is
-    bad; never raises, so that a scan's process pool can call it per file."""
+    """The file's ImageInfo (pixels decoded, else the header only) or why it is bad; never raises: scans pool it."""
     try:
         if not decode:
             return probe(path, max_pixels=max_pixels)
@@ -116,9 +115,7 @@ def to_unit_float(img: np.ndarray, mode: str = "range", percentiles: Sequence[fl
     """An image to float32 in [0, 1], never through 8 bits: 'range' divides integers by their dtype's max, 'percentile'
     maps each image's channel percentiles to 0/1, 'dataset' the fixed ``stats=(low, high)`` (clipped)."""
     if mode == "range":
-        if img.dtype.kind in "ui":
-            return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
-        return img.astype(np.float32)
+        return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max if img.dtype.kind in "ui" else 1)
     flat = img.reshape(-1, img.shape[-1] if img.ndim == 3 else 1)
     if mode == "percentile":
         low, high = np.percentile(flat, percentiles, axis=0)
@@ -155,11 +152,11 @@ def dataset_percentiles(paths: Iterable[str | os.PathLike], channels: int, perce
 
 # -- reading ---------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
 def _open(path, data: bytes | None = None):
-    if data is not None:
-        return io.BytesIO(data)
+    """The open file (or ``data`` as one) and its first 32 bytes; an ImageError says why it cannot be read."""
     try:
-        return open(path, "rb")
+        f = io.BytesIO(data) if data is not None else open(path, "rb")
     except FileNotFoundError:
         reason = "broken symlink" if os.path.islink(path) else "no such file (deleted or moved since the scan?)"
         raise ImageError(path, f"missing file: {reason}") from None
@@ -169,27 +166,24 @@ def _open(path, data: bytes | None = None):
         raise ImageError(path, "unreadable: permission denied (check the file's permissions)") from None
     except OSError as e:
         raise ImageError(path, f"unreadable: {e.strerror or e}") from None
-
-
-def _head(f, path) -> bytes:
-    try:
-        head = f.read(32)
-        f.seek(0)
-    except OSError as e:
-        raise ImageError(path, f"unreadable: {e.strerror or e}") from None
-    if not head:
-        raise ImageError(path, "empty file")
-    return head
+    with f:
+        try:
+            head = f.read(32)
+            f.seek(0)
+        except OSError as e:
+            raise ImageError(path, f"unreadable: {e.strerror or e}") from None
+        if not head:
+            raise ImageError(path, "empty file")
+        yield f, head
 
 
 def _read_native(path, max_pixels: int, data: bytes | None = None) -> tuple[np.ndarray, bool]:
     """HxWxK array as stored (after EXIF rotation), and whether its last channel is alpha."""
-    with _open(path, data) as f:
-        head = _head(f, path)
+    with _open(path, data) as (f, head):
         if head[:4] in _TIFF_MAGIC:
-            return _read_tiff(f, path, max_pixels)
-        if _is_png16_colour(head):
-            return _read_png16(f, path, head, max_pixels)
+            return _read_tiff(f, path, head, max_pixels)
+        if _png16_size(path, head, max_pixels):
+            return _read_png16(f, path, head[25])
         return _read_pil(f, path, head, max_pixels)
 
 
@@ -210,8 +204,8 @@ def _not_image_reason(head: bytes) -> str:
     try:  # incremental: a character cut at the end of ``head`` is no reason to call it binary
         text = codecs.getincrementaldecoder("utf-8")().decode(head).lstrip("\ufeff")
     except UnicodeDecodeError:
-        text = None
-    if text is not None and all(c.isprintable() or c in "\t\n\r" for c in text):
+        return "not an image: unknown format"
+    if all(c.isprintable() or c in "\t\n\r" for c in text):
         return "not an image: a text file"
     return "not an image: unknown format"
 
@@ -233,6 +227,15 @@ def _open_pil(f, path, head: bytes) -> Image.Image:
         raise ImageError(path, _load_failure(e)) from None
 
 
+def _pil_mode(im: Image.Image) -> str:
+    """The Pillow mode read_image converts an image to: it gives the native channels, dtype and alpha."""
+    if im.mode == "P":
+        return "RGBA" if "transparency" in im.info else "RGB"
+    if im.mode in ("L", "LA", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return im.mode
+    return {"1": "L", "La": "LA", "PA": "RGBA", "RGBa": "RGBA"}.get(im.mode, "RGB")  # RGB: CMYK, YCbCr, LAB, ...
+
+
 def _read_pil(f, path, head: bytes, max_pixels: int) -> tuple[np.ndarray, bool]:
     im = _open_pil(f, path, head)
     _check_size(path, *im.size, max_pixels)
@@ -240,58 +243,35 @@ def _read_pil(f, path, head: bytes, max_pixels: int) -> tuple[np.ndarray, bool]:
         im.load()
     except Exception as e:  # OSError, SyntaxError, ValueError, zlib.error, EOFError... from a damaged stream
         raise ImageError(path, _load_failure(e)) from None
-    try:
+    with contextlib.suppress(Exception):  # broken EXIF block: keep the pixels as stored
         im = ImageOps.exif_transpose(im)
-    except Exception:  # broken EXIF block: keep the pixels as stored
-        pass
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return np.asarray(im).astype(np.uint16)[..., None], False  # astype: big-endian I;16B to native
-    if im.mode in ("I", "F"):
-        return _native_dtype(np.asarray(im))[..., None], False
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode == "1":
-        im = im.convert("L")
-    alpha = im.mode in ("LA", "La", "PA", "RGBA", "RGBa")
-    if alpha:
-        im = im.convert("LA" if im.mode in ("LA", "La") else "RGBA")
-    elif im.mode != "L":
-        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
-    arr = np.asarray(im)
-    return (arr[..., None] if arr.ndim == 2 else arr), alpha
+    mode = _pil_mode(im)
+    arr = _native_dtype(np.asarray(im if im.mode == mode else im.convert(mode)))  # astype: big-endian I;16B
+    return arr.reshape(*arr.shape[:2], -1), mode in ("LA", "RGBA")
 
 
-def _orientation(im: Image.Image) -> int:
-    """The EXIF orientation tag from the header; PNG is skipped, as Pillow decodes it to find a late eXIf chunk."""
-    if im.format == "PNG":
-        return 1
-    try:
-        return int(im.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block: read_image keeps such pixels as stored too
-        return 1
-
-
-def _is_png16_colour(head: bytes) -> bool:
-    """A 16-bit PNG with colour or alpha, which Pillow would read as 8-bit."""
-    return head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
-
-
-def _read_png16(f, path, head: bytes, max_pixels: int) -> tuple[np.ndarray, bool]:
-    import cv2
-
+def _png16_size(path, head: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) of a 16-bit PNG with colour or alpha, which Pillow would read as 8-bit; None for other files."""
+    if not (head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and head[24] == 16
+            and head[25] in (2, 4, 6)):
+        return None
     width, height = struct.unpack(">II", head[16:24])
     _check_size(path, width, height, max_pixels)
+    return width, height
+
+
+def _read_png16(f, path, color_type: int) -> tuple[np.ndarray, bool]:
+    import cv2
+
     arr = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageError(path, "corrupt: OpenCV cannot decode this 16-bit PNG (truncated or damaged)")
-    if head[25] == 4:  # gray+alpha comes back as BGRA with gray copied thrice
-        return np.ascontiguousarray(arr[..., [0, 3]]), True
-    order = [2, 1, 0, 3] if arr.shape[-1] == 4 else [2, 1, 0]
+    order = [0, 3] if color_type == 4 else [2, 1, 0, 3][:arr.shape[-1]]  # gray+alpha comes as BGRA, gray thrice
     return np.ascontiguousarray(arr[..., order]), arr.shape[-1] == 4
 
 
 def _tiff_layout(tf, path, max_pixels: int):
-    """The series to read (several same-shape 2-D series are stacked as channels), its axes and shape."""
+    """The series to read (several same-shape 2-D series are stacked as channels), its axes and channels."""
     series = tf.series[0]
     axes, shape = series.axes, tuple(series.shape)
     if "Y" not in axes or "X" not in axes:
@@ -309,22 +289,7 @@ def _tiff_layout(tf, path, max_pixels: int):
     return (tf.series if stack else [series]), axes, k
 
 
-def _probe_tiff(f, path, max_pixels: int) -> ImageInfo:
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(f) as tf:
-            series, axes, k = _tiff_layout(tf, path, max_pixels)
-            shape, dtype = series[0].shape, series[0].dtype
-    except ImageError:
-        raise
-    except Exception as e:
-        raise ImageError(path, f"corrupt: {type(e).__name__}: {e}") from None
-    dtype = np.dtype("uint8") if dtype == bool else (np.dtype("float32") if dtype.kind == "f" else dtype)
-    return ImageInfo(shape[axes.index("X")], shape[axes.index("Y")], k, dtype)
-
-
-def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
+def _read_tiff(f, path, head: bytes, max_pixels: int) -> tuple[np.ndarray, bool]:
     import tifffile
 
     try:
@@ -336,7 +301,8 @@ def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
                 if "imagecodecs" not in str(e):
                     raise
                 if len(series) == 1 and axes in ("YX", "YXS"):  # LZW, JPEG...: Pillow decodes plain images
-                    return _read_pil(f, path, _head(f, path), max_pixels)[0], False  # TIFF alpha stays a channel
+                    f.seek(0)
+                    return _read_pil(f, path, head, max_pixels)[0], False  # TIFF alpha stays a channel
                 raise ImageError(path, f"unsupported: {e}: pip install imagecodecs") from None
     except ImageError:
         raise
@@ -346,10 +312,8 @@ def _read_tiff(f, path, max_pixels: int) -> tuple[np.ndarray, bool]:
     if len(arrays) > 1:
         arr = np.stack(arrays, axis=-1)
     else:
-        extra = [a for a in axes if a not in "YX"]
-        arr = arrays[0].transpose([axes.index(a) for a in ("Y", "X", *extra)])
-        arr = arr if extra else arr[..., None]
-    return np.ascontiguousarray(_native_dtype(arr)), False
+        arr = np.moveaxis(arrays[0], [axes.index("Y"), axes.index("X")], [0, 1])
+    return np.ascontiguousarray(_native_dtype(arr.reshape(*arr.shape[:2], -1))), False
 
 
 def _native_dtype(arr: np.ndarray) -> np.ndarray:
@@ -363,8 +327,6 @@ def _native_dtype(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-# -- channels --------------------------------------------------------------------------------------------------
-
 def _check_channels(path, k: int, alpha: bool, channels: int) -> None:
     """Raise unless a file with ``k`` channels (the last one alpha if ``alpha``) can be read as ``channels``."""
     color = k - alpha
@@ -373,19 +335,3 @@ def _check_channels(path, k: int, alpha: bool, channels: int) -> None:
     has = f"{color} channels + alpha" if alpha else f"{k} channel{'s' * (k != 1)}"
     fix = f"set image.channels: {color} in the recipe" + (f" (or {k} to keep alpha)" if alpha else "")
     raise ImageError(path, f"wrong channels: file has {has}, the recipe reads {channels}: {fix}, or convert the file")
-
-
-def _fit_channels(arr: np.ndarray, alpha: bool, channels: int, path) -> np.ndarray:
-    _check_channels(path, arr.shape[-1], alpha, channels)
-    if arr.shape[-1] == channels:
-        return arr
-    if alpha:
-        arr = arr[..., :-1]
-        if arr.shape[-1] == channels:
-            return np.ascontiguousarray(arr)
-    if channels == 3:
-        return np.repeat(arr, 3, axis=-1)
-    gray = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    if arr.dtype.kind == "f":
-        return gray.astype(arr.dtype)[..., None]
-    return np.rint(gray).astype(arr.dtype)[..., None]
