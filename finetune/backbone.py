@@ -251,8 +251,9 @@ def _package_for(name: str) -> _Package | None:
 
 def _converted_weights(arch: str, package: _Package) -> Path:
     """The package's checkpoint in timm's layout, converted once and cached by model name and source hash."""
-    with resources.as_file(_package_checkpoint(package)) as source, open(source, "rb") as data:
-        target = finetune_home() / "weights" / f"{arch}-{hashlib.file_digest(data, 'sha256').hexdigest()[:12]}.pth"
+    with resources.as_file(_package_checkpoint(package)) as source:
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()  # tens of MB; file_digest needs Python 3.11
+        target = finetune_home() / "weights" / f"{arch}-{digest[:12]}.pth"
         if target.is_file():
             return target
         _log.info("converting %s from %s to %s", arch, source, target)

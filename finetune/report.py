@@ -158,10 +158,11 @@ def render(run: Run, evaluation: Evaluation | None = None) -> str:
                   "<h3>Per class</h3>" + _per_class_table(ev.per_class) + _eval_heading(ev),
                   _picture(ev, "confusion.png") + _picture(ev, "calibration.png"),
                   _picture(ev, "wrong.png") + _cams(run, ev)]
+    elif ev is not None:
+        parts.append(_multilabel_section(ev))
     else:
-        parts += [_multilabel_section(ev) if ev is not None else _notes_list(notes(run, ev)),
-                  "<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path)) + "</code> adds per-class "
-                  "results, the confusion matrix, calibration and the worst mistakes.</p>"]
+        parts += [_notes_list(notes(run, ev)), "<p>No evaluation yet: <code>finetune evaluate " + _e(str(run.path))
+                  + "</code> adds per-class results, the confusion matrix, calibration and the worst mistakes.</p>"]
     parts.append("<h2>Data</h2>")
     if recipe.train.labels == "multi":
         parts += [_picture(ev, "cooccurrence.png",

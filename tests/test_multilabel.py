@@ -137,7 +137,7 @@ def test_multilabel_round_trip_evaluate_predict_export(ml_run, tmp_path):
     for pic in ("per_label.png", "pr_curves.png", "threshold_f1.png", "cooccurrence.png", "wrong.png"):
         assert (ev.folder / pic).stat().st_size > 1000
     html = (ev.folder / "report.html").read_text()
-    assert "mean average precision" in html and "co-occurrence" in html.lower()
+    assert "mean average precision" in html and "co-occurrence" in html.lower() and "No evaluation yet" not in html
 
     pred = Predictor.load(run.path)
     val = run.items[run.items["split"] == "val"]["path"].tolist()[:6]

@@ -81,7 +81,8 @@ def test_report_is_one_file_with_every_picture_inline(run, ev):
     assert len(images) == _n_pictures(ev)
     assert (len(images) > 6) == ("Where the model looked, 2 correct images a class" in page)
     assert (len(images) == 6) == ("pip install 'finetune[explain]'" in page)
-    assert all(im.width >= 600 and np.asarray(im.convert("L")).std() > 5 for im in images)
+    # a real picture each: wide enough for one titled image (a grid of one mistake is 300 px), not blank
+    assert all(im.width >= 250 and np.asarray(im.convert("L")).std() > 5 for im in images)
     plan = (run.path / "plan.txt").read_text()
     assert html.escape(plan.splitlines()[0]) in page  # the freeze plan and its reasons
     assert "lr: 0.001" in page and "label_smoothing" in page  # the recipe
