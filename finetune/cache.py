@@ -94,8 +94,7 @@ def extract(model: torch.nn.Module, loader: DataLoader, device: torch.device | s
     feats, labels = [], []
     try:
         for x, y in loader:
-            f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
-            feats.append(f.float().cpu())
+            feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
             labels.append(torch.as_tensor(y))
     finally:
         model.train(was)
@@ -116,11 +115,9 @@ def load_or_compute(model: torch.nn.Module, images: ImageDataModule, key: str,
     model.to(device)
     splits = {}
     for split in ("train", "val", "test"):
-        ds = images.dataset(split)
-        if len(ds):
-            loader = DataLoader(ds, batch_size=images.batch_size, num_workers=images.num_workers,
-                                collate_fn=drop_failed)
-            splits[split] = extract(model, loader, device)
+        if len(ds := images.dataset(split)):
+            splits[split] = extract(model, DataLoader(ds, batch_size=images.batch_size,
+                                                      num_workers=images.num_workers, collate_fn=drop_failed), device)
     state = {"key": key, "splits": {s: {"features": f, "labels": y} for s, (f, y) in splits.items()}}
     atomic_write(path, lambda file: torch.save(state, file))
     return splits, False

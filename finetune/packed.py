@@ -90,8 +90,7 @@ class PackedDataModule(ImageDataModule):
 
 
 class PackedDataset(StreamingDataset):
-    """A streamed split, each sample read and transformed by ``decode`` (an ImageDataset) from its bytes;
-    ``paths`` (the index's items) name a file that fails to read."""
+    """A streamed split, each sample decoded from its bytes by ``decode`` (an ImageDataset); ``paths`` name failures."""
 
     def __init__(self, url: str, decode: ImageDataset, paths, **kwargs):
         super().__init__(url, **kwargs)

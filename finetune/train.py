@@ -38,7 +38,7 @@ REFIT_BELOW = 300  # train.refit: auto refits data with fewer labelled images a 
 
 def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None, progress: bool = False,
             timer: StartupTimer | None = None) -> tuple[pd.DataFrame, list[str], Any]:
-    """(items with split, classes, scan) of scanned and split data; packed data's own, a PackedData as the scan."""
+    """Scan and split the data: (items with split, classes, scan); packed data comes split, a PackedData its scan."""
     if is_packed(data):
         from .packed import PackedData
         packed = PackedData(str(data))
@@ -171,8 +171,7 @@ def refit_wanted(recipe: Recipe, items: pd.DataFrame, classes: list[str], proces
 def _fit_once(run: Run, root: Path, recipe: Recipe, model: torch.nn.Module, plan: Plan, items: pd.DataFrame,
               classes: list[str], pre: Preprocess, packed: str | None, ckpt: Path | None, progress: bool,
               callbacks: list) -> tuple[pl.Trainer, ModelCheckpoint | None]:
-    """One Lightning fit with checkpoints and logs under ``root``; returns the trainer and the best-epoch checkpoint
-    callback (None for a refit, under ``RUN/refit``)."""
+    """One Lightning fit into ``root`` (RUN, or RUN/refit); returns the trainer and best checkpoint (refit: None)."""
     t = recipe.train
     set_trainable(model, plan, None)  # before DDP wraps the model: it registers what may ever train
     pl.seed_everything(t.seed, workers=True, verbose=False)
@@ -254,8 +253,7 @@ def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: l
     last = root / "checkpoints" / "last.ckpt"
     trainer, _ = _fit_once(run, root, recipe, model, fresh, both, classes, pre, packed,
                            last if last.is_file() else None, progress, list(callbacks))
-    summary["refit"] = {"images": n, "epochs": trainer.current_epoch,
-                        "checkpoint": str(last.relative_to(run.path)),
+    summary["refit"] = {"images": n, "epochs": trainer.current_epoch, "checkpoint": str(last.relative_to(run.path)),
                         "wall_time_s": round(done.get("wall_time_s", 0.0) + time.time() - started, 1)}
     summary["final_model"] = "refit"
     summary["validation_scores"] = ("the first fit's, on validation images it did not train on: the honest "
@@ -380,7 +378,7 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
     if skipped:
         log.warning("%d files failed to read during training and were left out: %s", skipped,
                     run.path / "skipped_during_training.csv")
-    summary = {
+    run.write_json("summary.json", {
         "run": str(run.path), "epochs": trainer.current_epoch, "best_checkpoint": str(best_path),
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "best_metric": best.monitor, "final_metrics": metrics,
@@ -388,5 +386,4 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
         "attempts": previous.get("attempts", 0) + 1, "resumed": resumed, "skipped_during_training": int(skipped),
         "backbone": run.recipe.backbone.name, "classes": run.classes,
         "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__},
-    }
-    run.write_json("summary.json", summary, replace=True)
+    }, replace=True)
