@@ -1,6 +1,5 @@
-"""Cached features for linear probes: the frozen backbone's pre-logits features of every image (evaluation pipeline,
-eval mode) in ``$FINETUNE_HOME/features/<key>.pt``, keyed by a sha256 of model, weights, preprocessing and files, so
-a changed input never meets a stale cache; training stays in Lightning and checkpoints hold the whole model."""
+"""Cached features for linear probes: the frozen backbone's pre-logits features of every image in
+``$FINETUNE_HOME/features/<key>.pt``, keyed by a sha256 of model, weights, preprocessing and files (never stale)."""
 from __future__ import annotations
 
 import hashlib
@@ -31,35 +30,32 @@ FORMAT = 1  # bump when what a cache file holds changes: older files then miss
 def decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str]:
     """Whether to train on cached features (``auto``: only where that changes nothing but speed; ``true``: any linear
     probe, skipping augmentation and batch statistics), and the reason in one line, logged."""
-    use, why, warn = _decide(recipe, plan, train_pipeline, eval_pipeline)
-    if plan.is_probe or recipe.train.cache_features is True:
-        log.log(logging.WARNING if warn else logging.INFO, "features: %s", why)
-    return use, why
-
-
-def _decide(recipe: Recipe, plan: Plan, train_pipeline: dict, eval_pipeline: dict) -> tuple[bool, str, bool]:
-    setting = recipe.train.cache_features
-    if setting is False:
-        return False, "train.cache_features is false", False
-    if not plan.is_probe:
-        return False, ("the plan trains backbone groups, so their features change every step (only linear probes "
-                       "are cached; the fixed prefix still costs a forward pass only)"), setting is True
+    setting, augmented = recipe.train.cache_features, train_pipeline != eval_pipeline
     live_bn = [g.name for g in plan.groups if g.kind != "head" and g.bn == "train"]
-    augmented = train_pipeline != eval_pipeline
-    if setting is True:
+    use = warn = False
+    if setting is False:
+        why = "train.cache_features is false"
+    elif not plan.is_probe:
+        why, warn = ("the plan trains backbone groups, so their features change every step (only linear probes are "
+                     "cached; the fixed prefix still costs a forward pass only)"), setting is True
+    elif setting is True:
         skipped = [w for w, on in [("the training augmentation", augmented),
                                    (f"batch statistics in BN of {', '.join(live_bn)}", live_bn)] if on]
-        return True, ("train.cache_features is true: the linear probe trains on cached features of the evaluation "
-                      "pipeline" + (f"; skipped: {' and '.join(skipped)}" if skipped else "")), bool(skipped)
-    if augmented:
-        return False, ("the training pipeline is not the evaluation pipeline (augmentation), so features differ "
-                       "every epoch; train.cache_features=true trains this linear probe on cached features of "
-                       "un-augmented images instead (20x or more faster an epoch)"), False
-    if live_bn:
-        return False, (f"BN of {', '.join(live_bn)} uses batch statistics (freeze.bn: train), so features vary "
-                       f"by batch"), False
-    return True, ("linear probe whose training pipeline is the evaluation pipeline: the backbone's features are "
-                  "computed once and cached"), False
+        use, warn = True, bool(skipped)
+        why = ("train.cache_features is true: the linear probe trains on cached features of the evaluation pipeline"
+               + (f"; skipped: {' and '.join(skipped)}" if skipped else ""))
+    elif augmented:
+        why = ("the training pipeline is not the evaluation pipeline (augmentation), so features differ every epoch; "
+               "train.cache_features=true trains this linear probe on cached features of un-augmented images "
+               "instead (20x or more faster an epoch)")
+    elif live_bn:
+        why = f"BN of {', '.join(live_bn)} uses batch statistics (freeze.bn: train), so features vary by batch"
+    else:
+        use, why = True, ("linear probe whose training pipeline is the evaluation pipeline: the backbone's features "
+                          "are computed once and cached")
+    if plan.is_probe or setting is True:
+        log.log(logging.WARNING if warn else logging.INFO, "features: %s", why)
+    return use, why
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -75,8 +71,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def cache_key(model_name: str, weights: str, preprocess: dict, items: pd.DataFrame) -> str:
-    """sha256 over the model name, its weights hash, the preprocessing and every file's path, label, split,
-    size and modification time."""
+    """sha256 over the model name, weights hash, preprocessing and every file's path, label, split, size and mtime."""
     h = hashlib.sha256()
     meta = {"format": FORMAT, "timm": timm.__version__, "model": model_name, "weights": weights,
             "preprocess": preprocess}
@@ -99,8 +94,7 @@ def extract(model: torch.nn.Module, loader: DataLoader, device: torch.device | s
     feats, labels = [], []
     try:
         for x, y in loader:
-            f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
-            feats.append(f.float().cpu())
+            feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
             labels.append(torch.as_tensor(y))
     finally:
         model.train(was)
@@ -121,11 +115,9 @@ def load_or_compute(model: torch.nn.Module, images: ImageDataModule, key: str,
     model.to(device)
     splits = {}
     for split in ("train", "val", "test"):
-        ds = images.dataset(split)
-        if len(ds):
-            loader = DataLoader(ds, batch_size=images.batch_size, num_workers=images.num_workers,
-                                collate_fn=drop_failed)
-            splits[split] = extract(model, loader, device)
+        if len(ds := images.dataset(split)):
+            splits[split] = extract(model, DataLoader(ds, batch_size=images.batch_size,
+                                                      num_workers=images.num_workers, collate_fn=drop_failed), device)
     state = {"key": key, "splits": {s: {"features": f, "labels": y} for s, (f, y) in splits.items()}}
     atomic_write(path, lambda file: torch.save(state, file))
     return splits, False

@@ -31,10 +31,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is None:
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        order = (torch.randperm(self.n, generator=g) if self.weights is None
+                 else torch.multinomial(self.weights, self.n, replacement=True, generator=g))
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
         pairs = list(zip(order.tolist(), seeds.tolist()))
         pairs += pairs[:len(self) * self.world - self.n]
@@ -66,8 +64,7 @@ class ImageDataModule(pl.LightningDataModule):
                  balance: str = "none", max_pixels: int = 89_478_485, skipped: str | os.PathLike | None = None,
                  multi: bool = False):
         super().__init__()
-        self.multi = multi  # several labels an image: 0/1 target vectors
-        self.items, self.class_to_idx = items.reset_index(drop=True), class_to_idx
+        self.items, self.class_to_idx, self.multi = items.reset_index(drop=True), class_to_idx, multi
         self.read_channels, self.intensity = read_channels, intensity
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.seed, self.balance, self.max_pixels = batch_size, seed, balance, max_pixels
@@ -86,34 +83,24 @@ class ImageDataModule(pl.LightningDataModule):
                             intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped,
                             multi=self.multi)
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
         workers = 0 if self.features else self.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=shuffle,
-                          num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=False, collate_fn=drop_failed)
-
-    def sampler_weights(self) -> np.ndarray | None:
-        """Per training image 1 / its class's count with ``loss.balance: sampler``, else None."""
-        if self.balance != "sampler":
-            return None
-        labels = self._part("train")["label"]
-        return (1.0 / labels.map(labels.value_counts())).to_numpy()
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), collate_fn=drop_failed)
 
     def _rank(self) -> tuple[int, int]:
         """(rank, world size): the trainer's distributed sampler is off, the loaders shard by rank themselves."""
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
-        base = self.dataset("train", train_transform=True)
+        base, labels = self.dataset("train", train_transform=True), self._part("train")["label"]
+        weights = (1.0 / labels.map(labels.value_counts())).to_numpy() if self.balance == "sampler" else None
         return self._loader(SeededDataset(base, self.train_transform),
-                            EpochSampler(len(base), self.seed, self.sampler_weights(), *self._rank()))
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        ds, (rank, world) = self.dataset(split), self._rank()  # each rank evaluates its share, in order
-        return self._loader(ds, DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None)
+                            EpochSampler(len(base), self.seed, weights, *self._rank()))
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        ds, (rank, world) = self.dataset("val"), self._rank()  # each rank evaluates its share, in order
+        return self._loader(ds, DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None)
 
     def adapt_dataloader(self) -> DataLoader:
         """Training images through the evaluation pipeline, for re-estimating BN statistics (AdaBN)."""
@@ -121,8 +108,7 @@ class ImageDataModule(pl.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.seed), collate_fn=drop_failed)
 
     def class_weights(self) -> torch.Tensor:
-        """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``; multi-label: BCE positive weights
-        (negatives over positives per label)."""
+        """Inverse-frequency loss weights (mean 1) for ``loss.balance: weights``; multi-label: BCE ``pos_weight``."""
         classes, labels = sorted(self.class_to_idx, key=self.class_to_idx.get), self._part("train")["label"]
         if self.multi:
             return multilabel.pos_weight(multilabel.matrix(labels, classes))

@@ -1,5 +1,4 @@
-"""The LightningModule: a timm model with a new head, its loss and metrics, and the freeze plan carried through
-training and every checkpoint (so a resumed run continues the schedule)."""
+"""The LightningModule: a timm model, its loss and metrics, and the freeze plan kept in every checkpoint."""
 from __future__ import annotations
 
 import math
@@ -29,11 +28,11 @@ class Classifier(pl.LightningModule):
         super().__init__()
         self.model, self.plan, self.recipe, self.classes = model, plan, recipe, list(classes)
         self.extra = dict(extra or {})  # travels in every checkpoint: data config, eval pipeline, ...
-        n, smooth = len(classes), recipe.loss.label_smoothing
-        self.multi = recipe.train.labels == "multi"
+        n, smooth, self.multi = len(classes), recipe.loss.label_smoothing, recipe.train.labels == "multi"
         if self.multi:
             self.loss_fn = _SmoothedBCE(class_weights, smooth)
-            metrics = {"map": MultilabelAveragePrecision(n, average="macro"), "f1": MultilabelF1Score(n, average="macro")}
+            metrics = {"map": MultilabelAveragePrecision(n, average="macro"),
+                       "f1": MultilabelF1Score(n, average="macro")}
             self.val_curve, self.thresholds = MultilabelPrecisionRecallCurve(n), [0.5] * n
         else:
             self.loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=smooth)
@@ -62,7 +61,6 @@ class Classifier(pl.LightningModule):
         if self.recipe.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-    # -- the plan through training ---------------------------------------------------------------------
     def on_fit_start(self) -> None:
         set_trainable(self.model, self.plan, self.current_epoch)
         if not self.plan.adapted:
@@ -88,14 +86,12 @@ class Classifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finetune"] = {"recipe": self.recipe.to_dict(), "classes": self.classes,
-                                  "plan": self.plan.state_dict(), **self.extra}
-        if self.multi:
-            checkpoint["finetune"]["thresholds"] = list(self.thresholds)
+                                  "plan": self.plan.state_dict(), **self.extra,
+                                  **({"thresholds": list(self.thresholds)} if self.multi else {})}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.plan.load_state_dict(checkpoint["finetune"]["plan"])
 
-    # -- steps -------------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)

@@ -19,11 +19,8 @@ def pack(data: str | os.PathLike | None, recipe: Recipe, out: str, *, csv: str |
          workers: int | None = None, chunk_bytes: str = "64MB") -> "PackedData":
     """Scan and split ``data`` as ``finetune train`` would with ``recipe`` (bad files left out and reported),
     then write every split to ``out`` (a new local folder, or an s3:// gs:// ... URL litdata can write to)."""
-    if "://" in out:
-        taken = _provider(out).exists(_join(out, PACK_INDEX))
-    else:
-        taken = Path(out).exists() and any(Path(out).iterdir())
-    if taken:
+    if (_provider(out).exists(_join(out, PACK_INDEX)) if "://" in out
+            else Path(out).exists() and any(Path(out).iterdir())):
         raise FileExistsError(f"{out} exists and is not empty: pack never overwrites; choose another --out")
     items, classes, sc = prepare(data, recipe, csv=csv, progress=True)
     if sc.multilabel:

@@ -1,7 +1,5 @@
-"""Packed data: the checked files' own bytes in litdata's streaming format (sharded, rank- and worker-aware, local or
-object storage), ``DEST/{train,val,test}/`` with an index ``DEST/finetune_pack.json`` (classes, items, split settings,
-scan report); and the data module that trains from it with the folder's reading pipeline. Writing it:
-:mod:`finetune.pack`."""
+"""Packed data (written by :mod:`finetune.pack`): the checked files' bytes in litdata's streaming format under
+``DEST/{train,val,test}/``, indexed by ``DEST/finetune_pack.json``; and the data module that trains from it."""
 from __future__ import annotations
 
 import json
@@ -38,8 +36,7 @@ class PackedData:
         self.bad = pd.DataFrame(self.meta["bad"])
 
     def check(self, recipe: Recipe) -> None:
-        """Refuse what needs the image files (a measured domain, dataset intensity statistics); the packed split
-        is used as it is: say so when the recipe asks for another."""
+        """Refuse what needs the image files; warn when the recipe asks for another split than the packed one."""
         for wanted, key, other in ((recipe.freeze.domain == "measure", "freeze.domain: measure",
                                     "name the domain or give the distance `finetune distance` measures on the folder"),
                                    (recipe.image.intensity == "dataset", "image.intensity: dataset",
@@ -70,15 +67,16 @@ class PackedDataModule(ImageDataModule):
 
     def dataset(self, split: str, train_transform: bool = False, shuffle: bool = False):
         """The split streamed, or an empty ImageDataset for a split that was not packed."""
-        decode = ImageDataset(self._part(split).iloc[:0], self.class_to_idx, channels=self.read_channels,
+        part = self._part(split)
+        decode = ImageDataset(part.iloc[:0], self.class_to_idx, channels=self.read_channels,
                               transform=self.train_transform if train_transform else self.eval_transform,
                               intensity=self.intensity, max_pixels=self.max_pixels, skipped=self.skipped)
-        if self._part(split).empty:
+        if part.empty:
             return decode
         return PackedDataset(_join(self.url, split), decode, self.items["path"].to_numpy(dtype=str), shuffle=shuffle,
                              seed=self.seed)
 
-    def _loader(self, dataset, sampler=None, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset, sampler=None) -> DataLoader:
         if not isinstance(dataset, PackedDataset):
             return super()._loader(dataset)
         return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
@@ -92,8 +90,7 @@ class PackedDataModule(ImageDataModule):
 
 
 class PackedDataset(StreamingDataset):
-    """A streamed split, each sample read and transformed by ``decode`` (an ImageDataset) from its bytes;
-    ``paths`` (the index's items) name a file that fails to read."""
+    """A streamed split, each sample decoded from its bytes by ``decode`` (an ImageDataset); ``paths`` name failures."""
 
     def __init__(self, url: str, decode: ImageDataset, paths, **kwargs):
         super().__init__(url, **kwargs)

@@ -38,8 +38,7 @@ REFIT_BELOW = 300  # train.refit: auto refits data with fewer labelled images a 
 
 def prepare(data: str | Path | None, recipe: Recipe, *, csv: str | Path | None = None, progress: bool = False,
             timer: StartupTimer | None = None) -> tuple[pd.DataFrame, list[str], Any]:
-    """Scan the data, split it when no validation set is given; returns (items with split, classes, scan). Packed
-    data (``finetune pack``) comes split and checked: its items, classes and a PackedData in place of the scan."""
+    """Scan and split the data: (items with split, classes, scan); packed data comes split, a PackedData its scan."""
     if is_packed(data):
         from .packed import PackedData
         packed = PackedData(str(data))
@@ -69,16 +68,11 @@ def labels_kind(recipe: Recipe, sc: Any) -> Recipe:
 
 def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = None, *, csv: str | Path | None = None,
         out: str | Path = "runs", name: str | None = None, overrides: dict | list | None = None,
-        resume: str | Path | None = None, progress: bool = True,
-        callbacks: Iterable[pl.Callback] = ()) -> Run:
-    """Fine-tune a timm backbone on an image folder (one sub-folder per class) or a CSV of path,label[,split].
-    ``recipe``: a Recipe, a shipped name or a YAML file; None or 'auto' picks one from the images
-    (:mod:`finetune.autorecipe`). With ``train.refit`` a second fit on train + val makes the final model.
-
-    Writes a new run folder under ``out`` (never overwriting one) and returns it; ``resume=RUN`` continues a
-    stopped run from its last checkpoint, schedules included (``overrides`` may then raise ``train.epochs`` only,
-    to extend a finished run). Ctrl-C or SIGTERM raise :class:`TrainingStopped`, which says how to continue.
-    """
+        resume: str | Path | None = None, progress: bool = True, callbacks: Iterable[pl.Callback] = ()) -> Run:
+    """Fine-tune a timm backbone on an image folder (a sub-folder a class) or a CSV of path,label[,split] into a new
+    run folder under ``out``. ``recipe``: a Recipe, shipped name or YAML file; None or 'auto' picks one
+    (:mod:`finetune.autorecipe`). ``resume=RUN`` continues a stopped run (``overrides`` may raise ``train.epochs``
+    only); Ctrl-C or SIGTERM raise :class:`TrainingStopped`. ``train.refit``: a second fit on train + val."""
     started, timer = time.time(), StartupTimer()
     if resume is None:
         if data is None and csv is None:
@@ -95,8 +89,6 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         stored = run.read_json("data.json")
         pre, packed = Preprocess.from_dict(stored["preprocess"]), stored.get("packed")
         ckpt = None if shared else run.checkpoint("last")
-        pretrained = bool(shared) and recipe_obj.backbone.pretrained  # other ranks of a new run: rank 0's weights
-        weights = recipe_obj.backbone.weights if pretrained else None
     else:
         augment.check_transforms(recipe_obj, f"recipe '{recipe_obj.name}'")
         items, classes, sc = prepare(data, recipe_obj, csv=csv, progress=progress, timer=timer)
@@ -104,9 +96,9 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         if len(classes) < 2 and not sc.multilabel:
             raise DataError(f"{data or csv}: found {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least two: one sub-folder per class")
-        ckpt, pretrained, weights = None, recipe_obj.backbone.pretrained, recipe_obj.backbone.weights
+        ckpt = None
     pl.seed_everything(recipe_obj.train.seed, workers=True, verbose=False)  # the new head's init: seeded too
-    model = recipe_model(recipe_obj, len(classes), pretrained=pretrained, weights=weights)
+    model = recipe_model(recipe_obj, len(classes), pretrained=None if ckpt is None else False)  # resumed: ckpt's
     timer.mark("model")
     if resume is None and shared is None:
         pre = _preprocess(recipe_obj, model, items)
@@ -122,13 +114,13 @@ def fit(data: str | Path | None = None, recipe: str | Path | Recipe | None = Non
         timer.mark("plan")
         run.write_json("data.json", {"preprocess": pre.to_dict(), "packed": packed,
                                      "weights_source": getattr(model, "finetune_source", None)})
-    t = recipe_obj.train
-    if resume is None or run.summary.get("epochs") != t.epochs:  # else the first fit is done: on to the refit
+    timer.run = run
+    if resume is None or run.summary.get("epochs") != recipe_obj.train.epochs:  # else on to the refit
         trainer, best = _fit_once(run, run.path, recipe_obj, model, plan, items, classes, pre, packed, ckpt,
-                                  progress, [timer, *callbacks], timer)
+                                  progress, [timer, *callbacks])
         if trainer.global_rank == 0:
             _finish(run, trainer, best, started, resumed=resume is not None)
-    if refit_wanted(recipe_obj, items, classes, _processes(t))[0] and _is_rank_zero():
+    if refit_wanted(recipe_obj, items, classes, _processes(recipe_obj.train))[0] and _is_rank_zero():
         _refit(run, recipe_obj, plan, items, classes, pre, packed, progress, callbacks)
     return run
 
@@ -144,8 +136,7 @@ def recipe_model(recipe: Recipe, n_classes: int, *, pretrained: bool | None = No
 
 def run_plan(model: torch.nn.Module, recipe: Recipe, items: pd.DataFrame, classes: list[str], chosen: list[str] = (),
              *, data: str | Path | None = None, csv: str | Path | None = None, multi: bool = False) -> Plan:
-    """:func:`~finetune.freeze.plan_for` this data, with why the recipe was chosen first and whether a refit
-    follows last among its reasons (what plan.txt and ``finetune plan`` show)."""
+    """:func:`~finetune.freeze.plan_for` this data; its reasons open with the recipe's and end with the refit's."""
     plan = plan_for(model, recipe, int((items["split"] == "train").sum()), len(classes), data=data, csv=csv,
                     per_class=multilabel.images_a_label(items, classes) if multi else None)
     refit = refit_wanted(recipe, items, classes, _processes(recipe.train))[1]
@@ -154,9 +145,8 @@ def run_plan(model: torch.nn.Module, recipe: Recipe, items: pd.DataFrame, classe
 
 
 def refit_wanted(recipe: Recipe, items: pd.DataFrame, classes: list[str], processes: int = 1) -> tuple[bool, str]:
-    """Whether a second fit on train + val makes the final model (``train.refit``), and the sentence that says why.
-    ``auto`` refits single-label data with fewer than REFIT_BELOW labelled images a class in one process: there the
-    validation images are worth more as training data than as the choice of an epoch."""
+    """Whether a second fit on train + val makes the final model (``train.refit``), and why; ``auto``: single-label
+    data under REFIT_BELOW labelled images a class, in one process (val images then do more as training data)."""
     t, n_val = recipe.train, int((items["split"] == "val").sum())
     n = int(items["split"].isin(["train", "val"]).sum())
     per_class = n / max(len(classes), 1)
@@ -180,9 +170,8 @@ def refit_wanted(recipe: Recipe, items: pd.DataFrame, classes: list[str], proces
 
 def _fit_once(run: Run, root: Path, recipe: Recipe, model: torch.nn.Module, plan: Plan, items: pd.DataFrame,
               classes: list[str], pre: Preprocess, packed: str | None, ckpt: Path | None, progress: bool,
-              callbacks: list, timer: StartupTimer | None = None) -> tuple[pl.Trainer, ModelCheckpoint | None]:
-    """One Lightning fit of ``model`` under ``plan`` with checkpoints and logs under ``root``; returns the trainer
-    and the best-epoch checkpoint callback (None for a refit, under ``RUN/refit``)."""
+              callbacks: list) -> tuple[pl.Trainer, ModelCheckpoint | None]:
+    """One Lightning fit into ``root`` (RUN, or RUN/refit); returns the trainer and best checkpoint (refit: None)."""
     t = recipe.train
     set_trainable(model, plan, None)  # before DDP wraps the model: it registers what may ever train
     pl.seed_everything(t.seed, workers=True, verbose=False)
@@ -194,43 +183,53 @@ def _fit_once(run: Run, root: Path, recipe: Recipe, model: torch.nn.Module, plan
     # every epoch, whatever the score: a crash never costs more than the epoch in progress
     last = ModelCheckpoint(dirpath=root / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            enable_version_counter=False)
-    processes = _processes(t)
+    processes, strategy, precision = _processes(t), t.strategy, t.precision
+    if strategy == "ddp" or (strategy == "auto" and processes > 1):  # find unused: groups fixed in some epochs
+        from pytorch_lightning.strategies import DDPStrategy
+        strategy = DDPStrategy(find_unused_parameters=plan.releases_later)
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        log.warning("precision 16-mixed needs a GPU; using bf16-mixed on the CPU")
+        precision = "bf16-mixed"
     steps = math.ceil(int((items["split"] == "train").sum()) / processes / t.batch_size)
     trainer = pl.Trainer(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=_strategy(t, plan, processes), use_distributed_sampler=False,  # our data modules shard by rank
-        precision=_precision(t.precision, t.accelerator), deterministic=t.deterministic,
+        strategy=strategy, use_distributed_sampler=False,  # our data modules shard by rank
+        precision=precision, deterministic=t.deterministic,
         callbacks=[c for c in (best, last) if c] + [LearningRateMonitor(logging_interval="epoch"),
                                                     tracking.LogRun(run.path), *callbacks],
         logger=tracking.loggers(t.loggers, root), plugins=[AtomicCheckpointIO()], default_root_dir=root,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=None if has_val else 0, log_every_n_steps=max(1, min(50, steps)))
+    skipped = run.path / "skipped_during_training.csv"  # the loaders record files that fail to read
+    if _is_rank_zero() and not skipped.exists():
+        skipped.write_text("path,reason\n")
+    data_cls = ImageDataModule
+    if packed is not None:  # its URL: the data source's only seam
+        from .packed import PackedDataModule
+        data_cls = functools.partial(PackedDataModule, packed)
     train_tf = Pipeline(augment.build_transforms(recipe, pre.config, train=True))
-    dm = _datamodule(packed)(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
-                             train_transform=train_tf, eval_transform=pre.eval_transform(),
-                             intensity=pre.intensity_fn(), batch_size=t.batch_size, num_workers=t.num_workers,
-                             seed=t.seed, balance=recipe.loss.balance, max_pixels=pre.max_pixels,
-                             skipped=_skipped_csv(run), multi=t.labels == "multi")
+    dm = data_cls(items, {c: i for i, c in enumerate(classes)}, read_channels=pre.channels,
+                  train_transform=train_tf, eval_transform=pre.eval_transform(), intensity=pre.intensity_fn(),
+                  batch_size=t.batch_size, num_workers=t.num_workers, seed=t.seed, balance=recipe.loss.balance,
+                  max_pixels=pre.max_pixels, skipped=skipped, multi=t.labels == "multi")
     weights = dm.class_weights() if recipe.loss.balance == "weights" else None
-    datamodule, module_cls = dm, Classifier
+    module_cls = Classifier
     if cache.decide(recipe, plan, augment.pipeline_to_dict(train_tf.compose), pre.pipeline)[0]:
-        datamodule, info = cache.cached_training(model, plan, recipe, pre.to_dict(), items, dm, ckpt,
-                                                 trainer.strategy.root_device)
+        _, info = cache.cached_training(model, plan, recipe, pre.to_dict(), items, dm, ckpt,
+                                        trainer.strategy.root_device)  # dm now serves the cached features
         if _is_rank_zero():
             Run(root).write_json("features.json", info, replace=True)
         module_cls = cache.HeadClassifier
     module = module_cls(model, plan, recipe, classes, class_weights=weights, extra={"preprocess": pre.to_dict()})
-    if timer is not None:
-        timer.run = run
     if recipe.optim.lr == "find":
-        lr_find.resolve(run, module, datamodule, t.accelerator)
+        lr_find.resolve(run, module, dm, t.accelerator)
     with warnings.catch_warnings():
         for noise in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
                       ".*LeafSpec.*", ".*IterableDataset.*has `__len__` defined.*"):  # the last: litdata's, exact
             warnings.filterwarnings("ignore", message=noise)
         os.environ[_RUN_ENV] = str(run.path.resolve())  # for the processes Lightning's DDP launcher starts
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         except (KeyboardInterrupt, SystemExit):  # Lightning ends Ctrl-C with exit(1), SIGTERM with SIGTERMException
             raise TrainingStopped(f"stopped; continue with: finetune train --resume {run.path}") from None
         finally:
@@ -240,10 +239,8 @@ def _fit_once(run: Run, root: Path, recipe: Recipe, model: torch.nn.Module, plan
 
 def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: list[str], pre: Preprocess,
            packed: str | None, progress: bool, callbacks: Iterable[pl.Callback]) -> None:
-    """The second fit, on train + val, into RUN/refit (resumed from its last checkpoint if there is one); the
-    summary then names its last epoch as the final model."""
-    started, root = time.time(), run.path / "refit"
-    summary = run.summary
+    """The second fit, on train + val, into RUN/refit (resumed from its last checkpoint); its last epoch is final."""
+    started, root, summary = time.time(), run.path / "refit", run.summary
     done = summary.get("refit", {})
     if done.get("epochs") == recipe.train.epochs:
         return
@@ -256,8 +253,7 @@ def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: l
     last = root / "checkpoints" / "last.ckpt"
     trainer, _ = _fit_once(run, root, recipe, model, fresh, both, classes, pre, packed,
                            last if last.is_file() else None, progress, list(callbacks))
-    summary["refit"] = {"images": n, "epochs": trainer.current_epoch,
-                        "checkpoint": str(last.relative_to(run.path)),
+    summary["refit"] = {"images": n, "epochs": trainer.current_epoch, "checkpoint": str(last.relative_to(run.path)),
                         "wall_time_s": round(done.get("wall_time_s", 0.0) + time.time() - started, 1)}
     summary["final_model"] = "refit"
     summary["validation_scores"] = ("the first fit's, on validation images it did not train on: the honest "
@@ -266,8 +262,7 @@ def _refit(run: Run, recipe: Recipe, plan: Plan, items: pd.DataFrame, classes: l
 
 
 def find_only(data, recipe=None, *, csv=None, out="runs", overrides: list[str] | None = None) -> tuple[Run, dict]:
-    """``finetune lr-find``: a run folder with the finder's curve and rate, and no training; returns it with
-    the rate and its reason."""
+    """``finetune lr-find``: a run folder with the finder's curve and rate, no training; returns it and lr_find.json."""
     run = fit(data, recipe, csv=csv, out=out, overrides=[*(overrides or []), "optim.lr=find", "train.refit=false"],
               progress=False, callbacks=[_StopBeforeTraining()])
     return run, json.loads((run.path / "lr_find.json").read_text())
@@ -278,29 +273,12 @@ class _StopBeforeTraining(pl.Callback):
         trainer.should_stop = True
 
 
-def _datamodule(packed: str | None):
-    """ImageDataModule, or for packed data (its URL) the one streaming it: the data source's only seam."""
-    if packed is None:
-        return ImageDataModule
-    from .packed import PackedDataModule
-    return functools.partial(PackedDataModule, packed)
-
-
-def _skipped_csv(run: Run) -> Path:
-    """RUN/skipped_during_training.csv, where the loaders record files that fail to read (its header from rank 0)."""
-    path = run.path / "skipped_during_training.csv"
-    if _is_rank_zero() and not path.exists():
-        path.write_text("path,reason\n")
-    return path
-
-
 class TrainingStopped(RunError):
     """Training was stopped (Ctrl-C, SIGTERM); the run folder holds the last finished epoch."""
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """Keeps the best epoch by the monitored score; a tie goes to the lower validation loss, then the later epoch
-    (Lightning's own keeps the first of equal scores: the least-trained one)."""
+    """The best epoch by the monitored score; ties: the lower val loss, then the later epoch (not Lightning's first)."""
 
     best_loss = math.inf
 
@@ -324,11 +302,7 @@ class BestCheckpoint(ModelCheckpoint):
 def _extend(run: Run, overrides: dict | list) -> None:
     """Resume with more epochs: the only setting a resume may change (it is written to the run's recipe)."""
     recipe = run.recipe.override(overrides)
-
-    def rest(r: Recipe) -> dict:
-        return {**r.to_dict(), "train": {**r.to_dict()["train"], "epochs": 0}}
-
-    if rest(recipe) != rest(run.recipe):
+    if recipe.override({"train.epochs": run.recipe.train.epochs}).to_dict() != run.recipe.to_dict():
         raise RunError("a resumed run keeps its recipe; only --epochs (train.epochs) can change, to extend it")
     done = run.summary.get("epochs", 0)
     if recipe.train.epochs <= done:
@@ -339,8 +313,7 @@ def _extend(run: Run, overrides: dict | list) -> None:
 
 
 def _is_rank_zero() -> bool:
-    """False in the other processes of a multi-process launch (torchrun: RANK, srun: SLURM_PROCID, Lightning's
-    DDP launcher: NODE_RANK and LOCAL_RANK), which read rank 0's run folder instead of writing one."""
+    """False in the other processes of a launch (torchrun: RANK, srun: SLURM_PROCID, Lightning: NODE/LOCAL_RANK)."""
     env = os.environ
     if "RANK" in env:
         return int(env["RANK"]) == 0
@@ -373,13 +346,10 @@ def _rank_zero_run(out: str | Path, name: str | None, timeout: float = 1800.0) -
 
 
 def _preprocess(recipe: Recipe, model: torch.nn.Module, items: pd.DataFrame) -> Preprocess:
-    im = recipe.image
-    config = augment.data_config(recipe, model)
-    stats = None
-    if im.intensity == "dataset":
-        train = items.loc[items["split"] == "train", "path"]
-        stats = dataset_percentiles(train, augment.read_channels(recipe), im.percentiles, max_pixels=im.max_pixels)
-    return Preprocess(channels=augment.read_channels(recipe), intensity=im.intensity, percentiles=im.percentiles,
+    im, channels, config = recipe.image, augment.read_channels(recipe), augment.data_config(recipe, model)
+    stats = None if im.intensity != "dataset" else dataset_percentiles(
+        items.loc[items["split"] == "train", "path"], channels, im.percentiles, max_pixels=im.max_pixels)
+    return Preprocess(channels=channels, intensity=im.intensity, percentiles=im.percentiles,
                       stats=stats, max_pixels=im.max_pixels, config=json.loads(json.dumps(config)),
                       pipeline=augment.pipeline_to_dict(augment.build_transforms(recipe, config, train=False)))
 
@@ -392,23 +362,6 @@ def _processes(t: Train) -> int:
     else:
         n = len([x for x in d.strip("[]").split(",") if x.strip()]) if "," in d else int(d)
     return max(1, n) * t.num_nodes
-
-
-def _strategy(t: Train, plan: Plan, processes: int) -> Any:
-    """``auto`` with more than one process, or ``ddp``: a DDPStrategy built from the plan, which looks for unused
-    parameters exactly when a registered parameter is fixed in some epoch (the plan releases groups later).
-    Any other strategy name is passed to Lightning as it is."""
-    if t.strategy == "ddp" or (t.strategy == "auto" and processes > 1):
-        from pytorch_lightning.strategies import DDPStrategy
-        return DDPStrategy(find_unused_parameters=plan.releases_later)
-    return t.strategy
-
-
-def _precision(precision: str, accelerator: str) -> str:
-    if precision == "16-mixed" and not torch.cuda.is_available():
-        log.warning("precision 16-mixed needs a GPU; using bf16-mixed on the CPU")
-        return "bf16-mixed"
-    return precision
 
 
 def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float, resumed: bool) -> None:
@@ -425,7 +378,7 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
     if skipped:
         log.warning("%d files failed to read during training and were left out: %s", skipped,
                     run.path / "skipped_during_training.csv")
-    summary = {
+    run.write_json("summary.json", {
         "run": str(run.path), "epochs": trainer.current_epoch, "best_checkpoint": str(best_path),
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "best_metric": best.monitor, "final_metrics": metrics,
@@ -433,5 +386,4 @@ def _finish(run: Run, trainer: pl.Trainer, best: ModelCheckpoint, started: float
         "attempts": previous.get("attempts", 0) + 1, "resumed": resumed, "skipped_during_training": int(skipped),
         "backbone": run.recipe.backbone.name, "classes": run.classes,
         "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__},
-    }
-    run.write_json("summary.json", summary, replace=True)
+    }, replace=True)
