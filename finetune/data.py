@@ -139,9 +139,10 @@ def scan(root: str | os.PathLike | None, *, csv: str | os.PathLike | None = None
         good = _class_warnings(good, rows, min_per_class, labels, warnings)
     classes = sorted(set(labels)) if labels is not None else (
         multilabel.classes_of(good["label"]) if multi else sorted(good["label"].unique()))
-    items = good.drop(columns=["_line", "_abs"]).sort_values("path", kind="stable", ignore_index=True)
-    bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable",
-                                                                       ignore_index=True)
+    # reset_index, not sort_values(ignore_index=True): pandas 2.0 keeps the index of a frame already in order
+    items = good.drop(columns=["_line", "_abs"]).sort_values("path", kind="stable").reset_index(drop=True)
+    bad_df = pd.DataFrame(bad, columns=["path", "reason"]).sort_values(["path", "reason"], kind="stable")
+    bad_df = bad_df.reset_index(drop=True)
     info = info[info["path"].isin(items["path"])].reset_index(drop=True)
     return Scan(root, source, items, bad_df, classes, {c: i for i, c in enumerate(classes)}, warnings, info, multi)
 
