@@ -65,10 +65,16 @@ class Predictor:
         path = Path(path)
         if (path / "export.json").is_file():
             return cls.from_export(path, device)
+        from .run import Run, load_checkpoint
+        return cls.from_checkpoint(load_checkpoint(Run.open(path).checkpoint(checkpoint) if path.is_dir() else path),
+                                   device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device: str | None = None) -> Predictor:
+        """From a checkpoint already in memory (``run.load_checkpoint``): its recipe's backbone and its weights."""
         from .augment import model_channels
         from .backbone import create_backbone
-        from .run import Run, load_checkpoint, recipe_from_checkpoint
-        ckpt = load_checkpoint(Run.open(path).checkpoint(checkpoint) if path.is_dir() else path)
+        from .run import recipe_from_checkpoint
         meta, recipe = ckpt["finetune"], recipe_from_checkpoint(ckpt)
         model = create_backbone(recipe.backbone.name, len(meta["classes"]), pretrained=False,
                                 in_chans=model_channels(recipe))

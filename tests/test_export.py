@@ -17,6 +17,7 @@ import numpy as np
 from finetune.cli import main
 from finetune.export import export
 from finetune.predict import OnnxBackend, Predictor, TorchBackend, expand_paths
+from finetune.run import load_checkpoint
 
 
 
@@ -36,7 +37,7 @@ def reference(run):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_pytorch_on_real_images(fmt, exports, reference, textures):
+def test_export_matches_pytorch_on_real_images(fmt, exports, reference, textures, run):
     folder = exports[fmt]
     meta = json.loads((folder / "export.json").read_text())
     assert folder.name == f"export-{fmt}" and (folder / meta["file"]).is_file()
@@ -50,6 +51,8 @@ def test_export_matches_pytorch_on_real_images(fmt, exports, reference, textures
     for batch in (x[:1], x[:5], x):  # the batch axis is dynamic
         assert (exported.logits(batch) - expected[:len(batch)]).abs().max() < 1e-4
     assert (exported.predict(x, tta=True) - reference.predict(x, tta=True)).abs().max() < 1e-4
+    in_memory = Predictor.from_checkpoint(load_checkpoint(run.checkpoint()), device="cpu")
+    torch.testing.assert_close(in_memory.predict(x), reference.predict(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
