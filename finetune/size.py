@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from finetune.reference_nets import REFERENCE_INPUT_SIZES, reference_model
-from finetune.stages import stages
+from .stages import stages
 
 __all__ = ["SizeReport", "inspect_model", "reference_model", "CONV", "LINEAR", "POOL", "NORM", "PARAM"]
 
