@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from finetune.reference_nets import REFERENCE_INPUT_SIZES, reference_model
+from .reference_nets import REFERENCE_INPUT_SIZES, reference_model
 from .stages import stages
 
 __all__ = ["SizeReport", "inspect_model", "reference_model", "CONV", "LINEAR", "POOL", "NORM", "PARAM"]
