@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def main() -> None:
     if args.look_through:
         revs = subprocess.run(["git", "rev-list", "--no-merges", args.look_through], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout
-        ignore = Path("/tmp/finetune-package-lines-ignore.txt")
+        ignore = Path(tempfile.mkdtemp()) / "ignore-revs.txt"
         ignore.write_text(revs)
     rows = []
     for path in sorted((ROOT / "finetune").rglob("*.py")):
