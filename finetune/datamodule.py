@@ -93,8 +93,10 @@ class ImageDataModule(pl.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
-        base, labels = self.dataset("train", train_transform=True), self._part("train")["label"]
-        weights = (1.0 / labels.map(labels.value_counts())).to_numpy() if self.balance == "sampler" else None
+        base, weights = self.dataset("train", train_transform=True), None
+        if self.balance == "sampler":  # 1 / its class's count a training image
+            labels = self._part("train")["label"]
+            weights = (1.0 / labels.map(labels.value_counts())).to_numpy()
         return self._loader(SeededDataset(base, self.train_transform),
                             EpochSampler(len(base), self.seed, weights, *self._rank()))
 

@@ -17,7 +17,6 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassCalibrati
 
 from . import multilabel, plots
 from .data import bad_files_note, scan
-from .images import read_image
 from .predict import Predictor
 from .preprocess import Preprocess
 from .report import PICTURES, Evaluation, write_report
@@ -200,6 +199,6 @@ def _multilabel(run: Run, predictor: Predictor, items: pd.DataFrame, probs: torc
 
 def _grid(pre: Preprocess, rows: pd.DataFrame, titles: list[str], **kw) -> Figure:
     """The images of ``rows`` as read and intensity-scaled (before resizing), under their titles and file names."""
-    images = [pre.intensity_fn()(read_image(p, pre.channels, max_pixels=pre.max_pixels)) for p in rows["path"]]
+    images = [pre.read(p) for p in rows["path"]]
     names = [n if len(n) <= 28 else n[:17] + "..." + n[-8:] for n in (Path(p).name for p in rows["path"])]
     return plots.image_grid(images, [f"{t}\n{n}" for t, n in zip(titles, names)], **kw)

@@ -46,10 +46,13 @@ class Preprocess:
         from .augment import pipeline_from_dict
         return Pipeline(pipeline_from_dict(self.pipeline))
 
+    def read(self, path: str | Path) -> np.ndarray:
+        """One file read and intensity-scaled (HWC float in [0, 1]), before resizing: what the pipeline starts from."""
+        return self.intensity_fn()(read_image(path, self.channels, max_pixels=self.max_pixels))
+
     def load(self, path: str | Path, transform: Pipeline | None = None) -> torch.Tensor:
         """One file as the network's input (CHW float tensor)."""
-        img = read_image(path, self.channels, max_pixels=self.max_pixels)
-        return (transform or self.eval_transform())(self.intensity_fn()(img))
+        return (transform or self.eval_transform())(self.read(path))
 
     def to_dict(self) -> dict:
         stats = None if self.stats is None else [list(s) for s in self.stats]

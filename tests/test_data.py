@@ -646,3 +646,18 @@ def test_report_is_exact_for_random_trees(spec):
             x, y = ds[i]
             assert x.shape[0] == 3 and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
             assert y == s.class_to_idx[s.items["label"].iloc[i]]
+
+
+@pytest.mark.parametrize("balance", ["none", "sampler"])
+def test_sampler_balance_weights_each_class_equally(balance):
+    from finetune.datamodule import ImageDataModule
+    items = pd.DataFrame({"path": [f"/x/{i}.png" for i in range(10)], "label": ["a"] * 8 + ["b"] * 2,
+                          "split": "train"})
+    dm = ImageDataModule(items, {"a": 0, "b": 1}, read_channels=3, train_transform=None, eval_transform=None,
+                         intensity=None, num_workers=0, balance=balance)
+    weights = dm.train_dataloader().sampler.weights
+    if balance == "none":
+        assert weights is None
+    else:  # 1 / class count an image: each class draws half the samples in expectation
+        assert weights[:8].sum().item() == pytest.approx(1.0) and weights[8:].sum().item() == pytest.approx(1.0)
+        assert weights[0].item() == pytest.approx(1 / 8) and weights[9].item() == pytest.approx(1 / 2)
